@@ -1,0 +1,153 @@
+"""Label photos as cat or dog with the trained model.
+
+    python predict.py photo.jpg
+    python predict.py examples/ more/photos --json
+    python predict.py examples/ --show grid.png
+
+PATH may be an image or a folder (searched recursively for .jpg .jpeg .png .bmp
+.gif .webp, any case). Exit status: 0 all predicted, 1 some images could not be
+read, 2 usage error (no model, not a model, no such path, no images found).
+"""
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from utils import IMAGE_EXTENSIONS, LABELS, MODEL_DIR, MODEL_FILE, BadImage, UserError, fail, list_images, load_image
+
+BATCH = 64  # images decoded and predicted at a time, so memory stays flat for any number of files
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--model", type=Path, default=MODEL_DIR / MODEL_FILE, help="Keras model file (default: %(default)s)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per line: {"path", "label", "dog_probability"} or {"path", "error"}',
+    )
+    p.add_argument("--show", type=Path, metavar="OUT.png", help="also draw the images with their labels into OUT.png")
+    return p.parse_args(argv)
+
+
+def collect(paths):
+    """Expand folders into their image files; raise UserError for a path that gives nothing."""
+    files = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) found in folder {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files
+
+
+def load_model(path):
+    """The trained model and the image size it expects, or UserError."""
+    if not path.is_file():
+        raise UserError(f"model {path} not found; train one with `python train.py` or pass --model FILE")
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:  # a user's file can fail to load in many ways
+        raise UserError(
+            f"{path} is not a Keras model file ({type(e).__name__}); pass a .keras file from train.py"
+        ) from None
+    shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else None
+    if not shape or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or tuple(model.output_shape) != (None, 1):
+        raise UserError(
+            f"{path} takes input {model.input_shape} and gives {model.output_shape}; "
+            "expected a cats-vs-dogs model from train.py (square RGB images in, one probability out)"
+        )
+    return model, shape[1]
+
+
+def predict(files, model, size):
+    """Yield (path, dog probability or None, error or None, image or None) for each file, in order."""
+
+    def read(path):
+        try:
+            return load_image(path, size), None
+        except BadImage as e:
+            return None, str(e)
+        except OSError as e:
+            return None, e.strerror or str(e)
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(files), BATCH):
+            chunk = files[start : start + BATCH]
+            loaded = list(pool.map(read, chunk))
+            good = [img for img, _ in loaded if img is not None]
+            probs = iter(model(np.stack(good), training=False).numpy().ravel()) if good else iter(())
+            for path, (img, error) in zip(chunk, loaded, strict=True):
+                yield path, (None if error else float(next(probs))), error, img
+
+
+def show(results, out):
+    """Draw up to 64 predicted images in a grid with label and probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils import atomic_write
+
+    shown = [r for r in results if r[3] is not None][:64]
+    if not shown:
+        return
+    cols = min(6, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (path, prob, _, img) in zip(axes.flat, shown, strict=False):
+        label = LABELS[int(prob > 0.5)]
+        ax.imshow(img)
+        ax.set_title(f"{label} {max(prob, 1 - prob):.0%}\n{Path(path).name[:22]}", fontsize=10)
+    fig.suptitle(f"Predictions of {len(shown)} images", fontsize=13)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=80, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        files = collect(args.paths)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        model, size = load_model(args.model)
+    except UserError as e:
+        fail(str(e))
+    failed, kept = 0, []
+    for path, prob, error, img in predict(files, model, size):
+        if error:
+            failed += 1
+            print(json.dumps({"path": str(path), "error": error}) if args.json else f"{path}\terror: {error}")
+            print(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        label = LABELS[int(prob > 0.5)]
+        if args.json:
+            print(json.dumps({"path": str(path), "label": label, "dog_probability": round(prob, 4)}), flush=False)
+        else:
+            print(f"{path}\t{label}\t{max(prob, 1 - prob):.3f}")
+        if args.show and len(kept) < 64:
+            kept.append((path, prob, error, img))
+    if args.show:
+        show(kept, args.show)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

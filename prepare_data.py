@@ -1,0 +1,319 @@
+"""Get, clean and split the Microsoft Cats and Dogs dataset.
+
+    python prepare_data.py --source ../shared/data/PetImages-180px.zip
+
+1. Read the source (the Microsoft zip, downloaded once into data/; a local zip; or a folder).
+2. Hash every file: byte-identical files are kept once, and a picture found
+   under both classes is dropped from both.
+3. Decode each file in parallel; whatever is not a whole image is dropped, the
+   rest is written as an RGB JPEG (downscaled to --max-side).
+4. Split each class with a seeded shuffle into train/val/test and move the
+   finished folder into place in one rename, with report.json beside it.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from utils import (
+    CACHE_DIR,
+    CLASS_NAMES,
+    DATA_DIR,
+    MICROSOFT_URL,
+    SOURCE_CLASSES,
+    SPLITS,
+    BadImage,
+    Progress,
+    UserError,
+    fail,
+    open_image,
+    write_json,
+)
+
+REPORT_VERSION = 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--source",
+        default=MICROSOFT_URL,
+        help="the Microsoft zip, a folder with Cat/ and Dog/ (or PetImages/Cat, PetImages/Dog), "
+        "or a URL to download once into data/downloads (default: Microsoft's URL)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=DATA_DIR, help="where train/, val/, test/ and report.json go (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=42, help="seed of the split; same seed, same split (default: %(default)s)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of each class for validation (default: %(default)s)"
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.1, help="share of each class for test (default: %(default)s)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="keep at most N clean images per class, for quick runs")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=180,
+        help="downscale images whose longer side exceeds this many pixels, so training "
+        "never decodes large JPEGs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores, %(default)s)"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if --out already holds this exact split")
+    args = p.parse_args(argv)
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
+        p.error("--val-fraction and --test-fraction must be in [0, 1) and sum to less than 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    return args
+
+
+# --- 1. read the source ----------------------------------------------------
+def fetch(url):
+    """Download url once into data/downloads with Keras's cached, resumable get_file."""
+    import keras  # imported here: only a download needs TensorFlow
+
+    name = url.rstrip("/").split("/")[-1] or "dataset.zip"
+    cache = CACHE_DIR.resolve()
+    cache.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp when the folder is missing
+    try:
+        return Path(keras.utils.get_file(name, origin=url, cache_dir=str(cache), cache_subdir="downloads"))
+    except Exception as e:  # get_file raises bare Exceptions for network errors
+        raise UserError(
+            f"could not download {url} ({str(e).splitlines()[0]}); "
+            "download the zip yourself and pass --source path/to/kagglecatsanddogs_5340.zip"
+        ) from None
+
+
+def class_of(parts):
+    """Label of a file from the folder it sits in (Cat or Dog, any case), else None."""
+    return SOURCE_CLASSES.get(parts[-2].lower()) if len(parts) >= 2 else None
+
+
+def read_source(source):
+    """Yield (relative path, label, reader) for every file under Cat/ and Dog/ of the source."""
+    if "://" in str(source):
+        source = fetch(str(source))
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"--source {source} does not exist; pass the Microsoft zip or a folder holding Cat/ and Dog/")
+    files = []
+    if source.is_dir():
+        root = source / "PetImages" if (source / "PetImages").is_dir() else source
+        for path in sorted(root.rglob("*")):
+            parts = path.relative_to(root).parts
+            if path.is_file() and len(parts) == 2 and class_of(parts) is not None:
+                files.append(("/".join(parts), class_of(parts), path))
+    elif zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as zf:
+            for info in sorted(zf.infolist(), key=lambda i: i.filename):
+                parts = PurePosixPath(info.filename).parts
+                if not info.is_dir() and class_of(parts) is not None and "__MACOSX" not in parts:
+                    files.append((info.filename, class_of(parts), (source, info.filename)))
+    else:
+        raise UserError(f"--source {source} is neither a zip file nor a folder")
+    if not files:
+        raise UserError(
+            f"no Cat/ or Dog/ files found in {source}; expected PetImages/Cat/*.jpg and PetImages/Dog/*.jpg"
+        )
+    return files
+
+
+_zips = {}
+
+
+def read_bytes(where):
+    if isinstance(where, Path):
+        return where.read_bytes()
+    zip_path, member = where
+    if zip_path not in _zips:  # one open handle per worker process
+        _zips[zip_path] = zipfile.ZipFile(zip_path)
+    return _zips[zip_path].read(member)
+
+
+# --- 2. duplicates -----------------------------------------------------------
+def hash_file(where):
+    return hashlib.sha256(read_bytes(where)).hexdigest()
+
+
+def find_duplicates(files, digests):
+    """Return {path: reason} for every copy to drop: later copies, and pictures in both classes."""
+    first, labels = {}, {}
+    for (path, label, _), digest in zip(files, digests, strict=True):
+        first.setdefault(digest, path)
+        labels.setdefault(digest, set()).add(label)
+    drop = {}
+    for (path, _, _), digest in zip(files, digests, strict=True):
+        if len(labels[digest]) > 1:
+            drop[path] = "same picture in both classes"
+        elif first[digest] != path:
+            drop[path] = f"duplicate of {first[digest]}"
+    return drop
+
+
+# --- 3. decode ---------------------------------------------------------------
+def clean(task):
+    """Decode one file; return (jpeg bytes, None) or (None, reason)."""
+    where, max_side = task
+    try:
+        img = open_image(read_bytes(where))
+    except BadImage as e:
+        return None, str(e)
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    return buf.getvalue(), None
+
+
+# --- 4. split ----------------------------------------------------------------
+def split_counts(n, val_fraction, test_fraction):
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def output_name(path, taken):
+    stem = PurePosixPath(path).stem
+    name = f"{stem}.jpg"
+    if name in taken:  # e.g. 1.jpg and 1.png in the same class
+        name = f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}.jpg"
+    taken.add(name)
+    return name
+
+
+def prepare(args):
+    source_desc = str(args.source)
+    config = {
+        "version": REPORT_VERSION,
+        "source": source_desc,
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "limit": args.limit,
+        "max_side": args.max_side,
+    }
+    files = read_source(args.source)
+    config["source_files"] = len(files)
+    if "://" not in source_desc:
+        st = Path(source_desc).stat()
+        config["source_stamp"] = [st.st_size, int(st.st_mtime)]
+    report_path = args.out / "report.json"
+    if not args.force and report_path.exists():
+        try:
+            if json.loads(report_path.read_text()).get("config") == config:
+                print(
+                    f"{args.out} already holds this split (same source and settings); nothing to do. "
+                    "Pass --force to rebuild it."
+                )
+                return json.loads(report_path.read_text())
+        except json.JSONDecodeError:
+            pass
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        progress = Progress(len(files), "hashing")
+        digests = []
+        for d in pool.map(hash_file, [w for _, _, w in files], chunksize=64):
+            digests.append(d)
+            progress.update()
+        dropped = [{"path": p, "reason": r} for p, r in find_duplicates(files, digests).items()]
+        skip = {d["path"] for d in dropped}
+
+        # Candidates per class in seeded order; decode in that order until --limit are kept.
+        rng = random.Random(args.seed)
+        kept = {0: [], 1: []}
+        for label in (0, 1):
+            todo = [(p, w) for p, lab, w in files if lab == label and p not in skip]
+            rng.shuffle(todo)
+            want = len(todo) if args.limit is None else min(args.limit, len(todo))
+            progress = Progress(want, f"decoding {CLASS_NAMES[label]}")
+            step = max(64, 8 * args.workers)
+            for start in range(0, len(todo), step):
+                if len(kept[label]) >= want:
+                    break
+                batch = todo[start : start + step]
+                for (path, _), (jpeg, reason) in zip(
+                    batch, pool.map(clean, [(w, args.max_side) for _, w in batch], chunksize=8), strict=True
+                ):
+                    if len(kept[label]) >= want:
+                        break
+                    if jpeg is None:
+                        dropped.append({"path": path, "reason": reason})
+                    else:
+                        kept[label].append((path, jpeg))
+                        progress.update()
+
+    # Write everything into a temporary sibling folder, then swap it into place.
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits = {s: {c: 0 for c in CLASS_NAMES} for s in SPLITS}
+    for label, items in kept.items():
+        cls = CLASS_NAMES[label]
+        counts = split_counts(len(items), args.val_fraction, args.test_fraction)
+        taken, i = set(), 0
+        for split in SPLITS:
+            folder = tmp / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, jpeg in items[i : i + counts[split]]:
+                (folder / output_name(path, taken)).write_bytes(jpeg)
+            i += counts[split]
+            splits[split][cls] = counts[split]
+    report = {
+        "config": config,
+        "splits": splits,
+        "kept": sum(len(v) for v in kept.values()),
+        "dropped": sorted(dropped, key=lambda d: d["path"]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(tmp / "report.json", report)
+    old = args.out.with_name(f".{args.out.name}.old-{os.getpid()}")
+    if args.out.exists():
+        os.rename(args.out, old)
+    os.rename(tmp, args.out)
+    shutil.rmtree(old, ignore_errors=True)
+    print_table(report)
+    return report
+
+
+def print_table(report):
+    reasons = {}
+    for d in report["dropped"]:
+        key = "duplicate" if d["reason"].startswith("duplicate of") else d["reason"]
+        reasons[key] = reasons.get(key, 0) + 1
+    print(f"\nkept {report['kept']} images, dropped {len(report['dropped'])} in {report['seconds']} s")
+    for reason, n in sorted(reasons.items()):
+        print(f"  dropped {n:6d}  {reason}")
+    print(f"\n{'split':<6}" + "".join(f"{c:>8}" for c in CLASS_NAMES))
+    for split, counts in report["splits"].items():
+        print(f"{split:<6}" + "".join(f"{counts[c]:>8}" for c in CLASS_NAMES))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Leftovers of a run that was killed: never a split, always safe to remove.
+    for stale in args.out.parent.glob(f".{args.out.name}.*-*") if args.out.parent.exists() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        prepare(args)
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"interrupted; {args.out} is unchanged", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

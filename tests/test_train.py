@@ -1,0 +1,146 @@
+"""The whole pipeline on real photos, resuming after kill -9 and Ctrl-C, and train.py's refusals."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, run
+
+from utils import MODEL_FILE
+
+TINY = ["--epochs", "1", "--batch-size", "16", "--image-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def data(real_photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "processed"
+    result = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "30")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    result = run("train.py", "--data", data, "--out", out, *TINY)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_prepare_train_plot_predict_end_to_end(data, trained):
+    out, result = trained
+    assert "Epoch 1/1" in result.stdout
+    report = json.loads((data / "report.json").read_text())
+    assert report["splits"]["train"] == {"cats": 24, "dogs": 24} and report["splits"]["test"] == {"cats": 3, "dogs": 3}
+    history = json.loads((out / "history.json").read_text())
+    for key in ("accuracy", "val_accuracy", "loss", "val_loss"):
+        assert len(history[key]) == 1 and 0 <= history[key][0] < 50
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_images"] == 6 and 0 <= metrics["test_accuracy"] <= 1 and metrics["train_seconds"] > 0
+    assert not (out / ".run").exists(), "the finished run's working files were left behind"
+
+    plots = run("plot_history.py", out / "history.json")
+    assert plots.returncode == 0, plots.stderr
+    for name in ("accuracy.png", "loss.png", "confusion.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+    pred = run("predict.py", data / "test" / "cats", "--model", out / MODEL_FILE, "--json")
+    assert pred.returncode == 0, pred.stderr
+    rows = [json.loads(line) for line in pred.stdout.splitlines()]
+    assert len(rows) == 3 and all(r["label"] in ("cat", "dog") and 0 <= r["dog_probability"] <= 1 for r in rows)
+    # train.py's saved test predictions agree with predict.py on the same files
+    saved = {r["path"]: r["dog_probability"] for r in json.loads((out / "test_predictions.json").read_text())}
+    for r in rows:
+        assert r["dog_probability"] == pytest.approx(saved[r["path"]], abs=2e-3)
+
+
+def start(data, out, *flags):
+    args = ["--data", data, "--out", out, "--batch-size", "16", "--image-size", "64", *flags]
+    command = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def backed_up_epochs(out):
+    meta = out / ".run" / "backup" / "training_metadata.json"
+    return json.loads(meta.read_text())["epoch"] if meta.exists() else 0
+
+
+def logged_epochs(out):
+    log = out / ".run" / "log.csv"
+    return len(list(csv.DictReader(log.open()))) if log.exists() else 0
+
+
+def wait_for_epochs(out, n, proc, count=logged_epochs, timeout=240):
+    """Block until the run has n finished epochs (logged, or backed up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if count(out) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} epochs in {timeout} s")
+
+
+def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, trained, tmp_path):
+    model_dir, _ = trained
+    out = tmp_path / "run"
+    out.mkdir()
+    previous = (model_dir / MODEL_FILE).read_bytes()
+    (out / MODEL_FILE).write_bytes(previous)  # a model from an earlier run must survive the crash
+    # kill -9 just as epoch 1 is logged (its backup may be mid-write), resume, then kill again
+    # once epoch 1 is surely backed up; the second resume must start at epoch 2.
+    proc = start(data, out, "--epochs", "3")
+    wait_for_epochs(out, 1, proc)
+    proc.kill()
+    proc.wait()
+    assert (out / MODEL_FILE).read_bytes() == previous
+    proc = start(data, out, "--epochs", "3", "--resume")
+    wait_for_epochs(out, 1, proc, count=backed_up_epochs)
+    proc.kill()
+    proc.wait()
+    assert (out / MODEL_FILE).read_bytes() == previous
+    done = backed_up_epochs(out)
+    flags = ["--data", data, "--out", out, "--batch-size", "16", "--image-size", "64", "--resume"]
+    mismatch = run("train.py", *flags, "--epochs", "4")
+    assert mismatch.returncode == 2 and "--epochs 3 (now 4)" in mismatch.stderr
+    resumed = run("train.py", *flags, "--epochs", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Epoch {done}/3" not in resumed.stdout and "Epoch 3/3" in resumed.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert all(len(history[k]) == 3 for k in ("accuracy", "val_accuracy", "loss", "val_loss"))
+    assert history["elapsed_seconds"] == sorted(history["elapsed_seconds"])
+    assert (out / MODEL_FILE).read_bytes() != previous
+
+
+def test_ctrl_c_says_how_to_resume_without_traceback(data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(data, out, "--epochs", "20")
+    wait_for_epochs(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    message = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "--resume" in message[0] and "finished epoch" in message[0]
+    assert not (out / MODEL_FILE).exists()
+
+
+def test_refusals_are_one_line(data, tmp_path):
+    empty = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        (empty / split / "cats").mkdir(parents=True)
+        (empty / split / "dogs").mkdir(parents=True)
+    cases = [
+        (["--data", tmp_path / "missing"], "run `python prepare_data.py"),
+        (["--data", empty], "has no images"),
+        (["--data", data, "--batch-size", "500"], "fewer than --batch-size 500"),
+        (["--data", data, "--out", tmp_path / "fresh", "--resume"], "nothing to resume"),
+    ]
+    for flags, message in cases:
+        result = run("train.py", *flags)
+        assert result.returncode == 2, (flags, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
