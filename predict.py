@@ -18,7 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import IMAGE_EXTENSIONS, LABELS, MODEL_DIR, MODEL_FILE, BadImage, UserError, fail, list_images, load_image
+from utils import (
+    IMAGE_EXTENSIONS,
+    LABELS,
+    MODEL_DIR,
+    MODEL_FILE,
+    BadImage,
+    UserError,
+    fail,
+    import_keras,
+    list_images,
+    load_image,
+)
 
 BATCH = 64  # images decoded and predicted at a time, so memory stays flat for any number of files
 
@@ -57,8 +68,7 @@ def load_model(path):
     """The trained model and the image size it expects, or UserError."""
     if not path.is_file():
         raise UserError(f"model {path} not found; train one with `python train.py` or pass --model FILE")
-    import keras
-
+    keras = import_keras()
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # a user's file can fail to load in many ways
@@ -126,7 +136,6 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         files = collect(args.paths)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         model, size = load_model(args.model)
     except UserError as e:
         fail(str(e))

@@ -35,6 +35,7 @@ from utils import (
     Progress,
     UserError,
     fail,
+    import_keras,
     open_image,
     write_json,
 )
@@ -85,7 +86,7 @@ def parse_args(argv=None):
 # --- 1. read the source ----------------------------------------------------
 def fetch(url):
     """Download url once into data/downloads with Keras's cached, resumable get_file."""
-    import keras  # imported here: only a download needs TensorFlow
+    keras = import_keras()  # imported here: only a download needs TensorFlow
 
     name = url.rstrip("/").split("/")[-1] or "dataset.zip"
     cache = CACHE_DIR.resolve()

@@ -32,9 +32,9 @@ from utils import (
     UserError,
     atomic_write,
     fail,
+    import_keras,
     list_images,
     load_image,
-    quiet_tensorflow,
     write_json,
 )
 
@@ -110,8 +110,8 @@ def load_split(data, split, size):
 
 def idg_batches(x, y, batch_size, seed, workers):
     """Augmented batches from Keras's ImageDataGenerator, run in worker processes (no GIL)."""
-    import keras
-    import tensorflow as tf
+    keras = import_keras()
+    import tensorflow as tf  # Keras 3 keeps ImageDataGenerator only under tf.keras
 
     generator = tf.keras.preprocessing.image.ImageDataGenerator(**AUGMENTATION)
     parent = os.getpid()
@@ -143,7 +143,7 @@ def idg_batches(x, y, batch_size, seed, workers):
 
 
 def atomic_backup_class():
-    import keras
+    keras = import_keras()
 
     class AtomicBackup(keras.callbacks.BackupAndRestore):
         """Keras's BackupAndRestore, but each file is replaced by a rename, so kill -9 while it
@@ -216,8 +216,7 @@ def train(args, out, work, config):
         flush=True,
     )
 
-    quiet_tensorflow()
-    import keras
+    keras = import_keras()
 
     keras.utils.set_random_seed(args.seed)
     AtomicBackup = atomic_backup_class()

@@ -127,9 +127,26 @@ def fail(message, code=2):
     sys.exit(code)
 
 
-def quiet_tensorflow():
-    """Hide TensorFlow's start-up chatter; must run before the first TF import."""
+def import_keras():
+    """Import Keras (on TensorFlow) without TensorFlow's start-up chatter on stderr.
+
+    TensorFlow's C++ start-up (CUDA probing, CPU feature notes) writes to the stderr
+    file descriptor before its log settings apply, so stderr is parked while it starts.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()  # device start-up happens here, while muted
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras
 
 
 class Progress:
@@ -155,8 +172,8 @@ def build_model(image_size=IMAGE_SIZE, widths=(16, 32, 64, 128), dropout=0.3):
     The first block has one 3x3 convolution, the others two; global average
     pooling replaces the baseline's 9.5M-parameter Flatten/Dense (0.29M parameters in all).
     """
-    import keras
-    from keras import layers
+    keras = import_keras()
+    layers = keras.layers
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 255)(inputs)

@@ -5,8 +5,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BROKEN, VALID, encode, exif_rotated, photo
 
+from conftest import BROKEN, VALID, encode, exif_rotated, photo
 from utils import BadImage, list_images, load_image, open_image
 
 

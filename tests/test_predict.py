@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from conftest import encode, photo, run, write_files
 
 

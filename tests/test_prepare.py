@@ -5,10 +5,10 @@ import json
 import zipfile
 
 import pytest
-from conftest import BROKEN, VALID, encode, photo, run, write_files
 from PIL import Image
 
 import prepare_data
+from conftest import BROKEN, VALID, encode, photo, run, write_files
 
 
 def prep(*args):

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run
 
+from conftest import ROOT, run
 from utils import MODEL_FILE
 
 TINY = ["--epochs", "1", "--batch-size", "16", "--image-size", "64"]
