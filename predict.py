@@ -146,9 +146,10 @@ def main(argv=None):
             print(json.dumps({"path": str(path), "error": error}) if args.json else f"{path}\terror: {error}")
             print(f"error: {path}: {error}", file=sys.stderr)
             continue
+        prob = round(prob, 4)  # the label follows the printed probability, even at 0.50004
         label = LABELS[int(prob > 0.5)]
         if args.json:
-            print(json.dumps({"path": str(path), "label": label, "dog_probability": round(prob, 4)}), flush=False)
+            print(json.dumps({"path": str(path), "label": label, "dog_probability": prob}))
         else:
             print(f"{path}\t{label}\t{max(prob, 1 - prob):.3f}")
         if args.show and len(kept) < 64:

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import zipfile
@@ -305,6 +306,7 @@ def print_table(report):
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started as a background job
     # Leftovers of a run that was killed: never a split, always safe to remove.
     for stale in args.out.parent.glob(f".{args.out.name}.*-*") if args.out.parent.exists() else []:
         shutil.rmtree(stale, ignore_errors=True)

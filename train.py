@@ -171,6 +171,8 @@ def read_log(path):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Ctrl-C must reach us even when started from a shell that ignores it (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out, work = args.out, args.out / ".run"  # .run holds the unfinished run's backup and log
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RESUMABLE}
     try:

@@ -122,7 +122,7 @@ def test_ctrl_c_says_how_to_resume_without_traceback(data, tmp_path):
     wait_for_epochs(out, 1, proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (stdout, stderr)
     assert "Traceback" not in stderr
     message = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(message) == 1 and "--resume" in message[0] and "finished epoch" in message[0]
