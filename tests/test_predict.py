@@ -107,3 +107,25 @@ def test_prediction_uses_the_training_preprocessing(model, images):
     expected = float(m(np.stack([load_image(images / "b.PNG", 32)]), training=False).numpy().ravel()[0])
     result = run("predict.py", images / "b.PNG", "--model", model / "tiny.keras", "--json")
     assert lines(result)[0]["dog_probability"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_many_images_are_streamed_in_bounded_batches(tmp_path):
+    """predict() never holds more than BATCH decoded images: memory stays flat for 10,000 files."""
+    import numpy as np
+
+    import predict
+
+    write_files(tmp_path, {f"{i:03d}.png": encode(photo((16, 16), seed=i), "PNG") for i in range(150)})
+
+    class Model:
+        sizes = []
+
+        def __call__(self, batch, training):
+            self.sizes.append(len(batch))
+            return type("T", (), {"numpy": lambda s: np.full((len(batch), 1), 0.25)})()
+
+    model = Model()
+    stream = predict.predict(sorted(tmp_path.glob("*.png")), model, 32)
+    next(stream)
+    assert model.sizes == [predict.BATCH], "the first result waited for more than one batch"
+    assert len(list(stream)) == 149 and model.sizes == [64, 64, 22]

@@ -26,7 +26,7 @@ def data(real_photos, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
-    result = run("train.py", "--data", data, "--out", out, *TINY)
+    result = run("train.py", "--data", data, "--out", out, *TINY, "--tensorboard")
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -42,6 +42,7 @@ def test_prepare_train_plot_predict_end_to_end(data, trained):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_images"] == 6 and 0 <= metrics["test_accuracy"] <= 1 and metrics["train_seconds"] > 0
     assert not (out / ".run").exists(), "the finished run's working files were left behind"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "--tensorboard wrote no event files"
 
     plots = run("plot_history.py", out / "history.json")
     assert plots.returncode == 0, plots.stderr
