@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils import LABELS, MODEL_DIR, UserError, atomic_write, fail  # noqa: E402
+from utils import LABELS, MODEL_DIR, UserError, fail, open_image, save_figure, save_image_grid  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,12 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: beside the history)")
     p.add_argument("--mistakes", type=int, default=16, help="how many wrong test images to show (default: %(default)s)")
     return p.parse_args(argv)
-
-
-def save(fig, path):
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 def read_json(path, what):
@@ -72,7 +66,7 @@ def plot_curves(history, out):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
-        save(fig, out / f"{metric}.png")
+        save_figure(fig, out / f"{metric}.png")
 
 
 def plot_confusion(predictions, out):
@@ -103,30 +97,20 @@ def plot_confusion(predictions, out):
         ylabel="true label",
         title=f"Test split: {np.mean(true == pred):.1%} correct of {len(true)}",
     )
-    save(fig, out / "confusion.png")
+    save_figure(fig, out / "confusion.png")
 
 
 def plot_mistakes(predictions, out, n):
     """The test images the model gets most confidently wrong."""
-    from PIL import Image
-
     wrong = [p for p in predictions if (p["dog_probability"] > 0.5) != bool(p["label"])]
     wrong.sort(key=lambda p: -abs(p["dog_probability"] - 0.5))
     wrong = [p for p in wrong if Path(p["path"]).exists()][:n]
     if not wrong:
         print("no wrong predictions to draw (or their images are gone); skipped mistakes.png")
         return
-    cols = min(4, len(wrong))
-    rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, p in zip(axes.flat, wrong, strict=False):
-        with Image.open(p["path"]) as img:
-            ax.imshow(img.convert("RGB"))
-        ax.set_title(f"true {LABELS[p['label']]}\nP(dog) = {p['dog_probability']:.2f}", fontsize=11)
-    fig.suptitle("Most confident mistakes on the test split", fontsize=14)
-    save(fig, out / "mistakes.png")
+    images = [open_image(p["path"]) for p in wrong]
+    titles = [f"true {LABELS[p['label']]}\nP(dog) = {p['dog_probability']:.2f}" for p in wrong]
+    save_image_grid(images, titles, "Most confident mistakes on the test split", out / "mistakes.png")
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ from utils import (
     import_keras,
     list_images,
     load_image,
+    save_image_grid,
 )
 
 BATCH = 64  # images decoded and predicted at a time, so memory stays flat for any number of files
@@ -106,30 +107,10 @@ def predict(files, model, size):
 
 
 def show(results, out):
-    """Draw up to 64 predicted images in a grid with label and probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils import atomic_write
-
-    shown = [r for r in results if r[3] is not None][:64]
-    if not shown:
-        return
-    cols = min(6, len(shown))
-    rows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (path, prob, _, img) in zip(axes.flat, shown, strict=False):
-        label = LABELS[int(prob > 0.5)]
-        ax.imshow(img)
-        ax.set_title(f"{label} {max(prob, 1 - prob):.0%}\n{Path(path).name[:22]}", fontsize=10)
-    fig.suptitle(f"Predictions of {len(shown)} images", fontsize=13)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=80, bbox_inches="tight", format="png"))
-    plt.close(fig)
-    print(f"wrote {out}", file=sys.stderr)
+    """Draw the predicted images (as the model saw them) in a grid with label and probability."""
+    if results:
+        titles = [f"{LABELS[int(p > 0.5)]} {max(p, 1 - p):.0%}\n{Path(path).name[:24]}" for path, p, _, _ in results]
+        save_image_grid([img for *_, img in results], titles, f"Predictions of {len(results)} images", out, cols=6)
 
 
 def main(argv=None):

@@ -121,6 +121,34 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def save_figure(fig, path):
+    """Write a matplotlib figure to path as PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def save_image_grid(images, titles, title, path, cols=4):
+    """Draw images (arrays or PIL images) in a titled grid and save it as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    cols = min(cols, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, text in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image)
+        ax.set_title(text, fontsize=11)
+    fig.suptitle(title, fontsize=14)
+    save_figure(fig, path)
+
+
 def fail(message, code=2):
     """Print one line for a user mistake and exit non-zero."""
     print(f"error: {message}", file=sys.stderr)
