@@ -304,12 +304,22 @@ def print_table(report):
         print(f"{split:<6}" + "".join(f"{counts[c]:>8}" for c in CLASS_NAMES))
 
 
+def recover(out):
+    """Tidy up after a run that was killed: half-built splits go, and a previous split
+    caught between its two renames is put back."""
+    if not out.parent.exists():
+        return
+    for stale in sorted(out.parent.glob(f".{out.name}.*-*")):
+        if ".old-" in stale.name and not out.exists():
+            os.rename(stale, out)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started as a background job
-    # Leftovers of a run that was killed: never a split, always safe to remove.
-    for stale in args.out.parent.glob(f".{args.out.name}.*-*") if args.out.parent.exists() else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    recover(args.out)
     try:
         prepare(args)
     except UserError as e:

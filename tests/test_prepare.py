@@ -2,13 +2,16 @@
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
 import zipfile
 
 import pytest
 from PIL import Image
 
 import prepare_data
-from conftest import BROKEN, VALID, encode, photo, run, write_files
+from conftest import BROKEN, ROOT, VALID, encode, photo, run, write_files
 
 
 def prep(*args):
@@ -136,10 +139,26 @@ def test_second_run_does_nothing_and_new_flags_replace_the_split(many, tmp_path)
     assert not list(tmp_path.glob(".out.*")), "temporary folders were left behind"
 
 
-def test_stale_temporary_folders_of_a_killed_run_are_removed(many, tmp_path):
-    (tmp_path / ".out.tmp-999" / "train").mkdir(parents=True)
-    assert run("prepare_data.py", "--source", many, "--out", tmp_path / "out", "--limit", "5").returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+def test_kill_9_at_any_point_leaves_the_old_split_or_the_new_one(many, tmp_path):
+    out = tmp_path / "out"
+    assert run("prepare_data.py", "--source", many, "--out", out, "--limit", "10").returncode == 0
+    old = files_under(out)
+    command = [sys.executable, str(ROOT / "prepare_data.py"), "--source", str(many), "--out", str(out)]
+    new = None
+    for delay in (0.2, 0.5, 0.8, 1.1, 1.4, 1.7, 2.0, 3.0):
+        proc = subprocess.Popen(
+            [*command, "--limit", "20"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        prepare_data.recover(out)  # what the next run does first
+        now = files_under(out)
+        if now != old:
+            new = new or now
+            assert now == new, f"killed after {delay} s: a split that is neither the old nor the new one"
+            assert sum(1 for name in now if name.endswith(".jpg")) == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "leftovers of killed runs remain"
 
 
 def test_url_source_is_downloaded_once_into_the_cache(many, tmp_path, monkeypatch):
