@@ -23,9 +23,8 @@ SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 64  # pixels per side fed to the network (train.py --image-size)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
-ROOT = Path(__file__).resolve().parent
 DATA_DIR = Path("data/processed")
-CACHE_DIR = Path("data")
+CACHE_DIR = Path("data")  # downloads go to data/downloads
 MODEL_DIR = Path("models")
 MODEL_FILE = "cats_vs_dogs.keras"
 MICROSOFT_URL = (
