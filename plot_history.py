@@ -32,7 +32,7 @@ def parse_args(argv=None):
         help="history.json written by train.py (default: %(default)s)",
     )
     p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: beside the history)")
-    p.add_argument("--mistakes", type=int, default=16, help="how many wrong test images to show (default: %(default)s)")
+    p.add_argument("--mistakes", type=int, default=12, help="how many wrong test images to show (default: %(default)s)")
     return p.parse_args(argv)
 
 

@@ -185,8 +185,6 @@ def main(argv=None):
             ]
             if diff:
                 raise UserError(f"--resume needs the flags of the interrupted run: {', '.join(diff)}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
         return train(args, out, work, config)
     except UserError as e:
         fail(str(e))
@@ -222,6 +220,8 @@ def train(args, out, work, config):
 
     keras.utils.set_random_seed(args.seed)
     AtomicBackup = atomic_backup_class()
+    if not args.resume:  # only now that the data is good: a refused run leaves an unfinished one alone
+        shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "config.json", config)
     batches = idg_batches(x_train, y_train, args.batch_size, args.seed, args.workers)

@@ -103,8 +103,11 @@ def atomic_write(path, write):
     suffix = "".join(path.suffixes)  # keep ".weights.h5" whole: Keras checks file endings
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -120,11 +123,11 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
-def save_figure(fig, path):
+def save_figure(fig, path, dpi=100):
     """Write a matplotlib figure to path as PNG, atomically, and free it."""
     import matplotlib.pyplot as plt
 
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
 
@@ -145,7 +148,7 @@ def save_image_grid(images, titles, title, path, cols=4):
         ax.imshow(image)
         ax.set_title(text, fontsize=11)
     fig.suptitle(title, fontsize=14)
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=72)  # photos compress poorly: keep the PNG small
 
 
 def fail(message, code=2):

@@ -131,6 +131,7 @@ def test_ctrl_c_says_how_to_resume_without_traceback(data, tmp_path):
 
 
 def test_refusals_are_one_line(data, tmp_path):
+    # every case names --out: a refused run must not touch anyone's models/
     empty = tmp_path / "data"
     for split in ("train", "val", "test"):
         (empty / split / "cats").mkdir(parents=True)
@@ -141,7 +142,11 @@ def test_refusals_are_one_line(data, tmp_path):
         (["--data", data, "--batch-size", "500"], "fewer than --batch-size 500"),
         (["--data", data, "--out", tmp_path / "fresh", "--resume"], "nothing to resume"),
     ]
+    unfinished = tmp_path / "out" / ".run" / "config.json"  # an interrupted run, waiting for --resume
+    unfinished.parent.mkdir(parents=True)
+    unfinished.write_text("{}")
     for flags, message in cases:
-        result = run("train.py", *flags)
+        result = run("train.py", "--out", tmp_path / "out", *flags)
         assert result.returncode == 2, (flags, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
+        assert unfinished.exists(), "a refused run deleted the unfinished run"
