@@ -85,6 +85,14 @@ def load_model(path):
     return model, shape[1]
 
 
+def forward(model, batch):
+    """Full batches run through Keras's compiled predict step (about 2x faster here once traced);
+    smaller ones, a single photo say, run eagerly and so skip the tracing."""
+    if len(batch) == BATCH:
+        return np.asarray(model.predict_on_batch(batch))
+    return model(batch, training=False).numpy()
+
+
 def predict(files, model, size):
     """Yield (path, dog probability or None, error or None, image or None) for each file, in order."""
 
@@ -96,12 +104,15 @@ def predict(files, model, size):
         except OSError as e:
             return None, e.strerror or str(e)
 
+    chunks = [files[i : i + BATCH] for i in range(0, len(files), BATCH)]
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(files), BATCH):
-            chunk = files[start : start + BATCH]
-            loaded = list(pool.map(read, chunk))
+        pending = [pool.submit(read, path) for path in chunks[0]] if chunks else []
+        for n, chunk in enumerate(chunks):
+            loaded = [f.result() for f in pending]
+            # decode the next batch while the model works on this one (two batches in memory at most)
+            pending = [pool.submit(read, path) for path in chunks[n + 1]] if n + 1 < len(chunks) else []
             good = [img for img, _ in loaded if img is not None]
-            probs = iter(model(np.stack(good), training=False).numpy().ravel()) if good else iter(())
+            probs = iter(forward(model, np.stack(good)).ravel()) if good else iter(())
             for path, (img, error) in zip(chunk, loaded, strict=True):
                 yield path, (None if error else float(next(probs))), error, img
 

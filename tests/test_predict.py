@@ -124,8 +124,13 @@ def test_many_images_are_streamed_in_bounded_batches(tmp_path):
             self.sizes.append(len(batch))
             return type("T", (), {"numpy": lambda s: np.full((len(batch), 1), 0.25)})()
 
+        def predict_on_batch(self, batch):
+            self.sizes.append(len(batch))
+            return np.full((len(batch), 1), 0.25)
+
     model = Model()
     stream = predict.predict(sorted(tmp_path.glob("*.png")), model, 32)
     next(stream)
     assert model.sizes == [predict.BATCH], "the first result waited for more than one batch"
+    # at most the batch being predicted and the next one being decoded are in memory
     assert len(list(stream)) == 149 and model.sizes == [64, 64, 22]
