@@ -248,7 +248,10 @@ def train(args, out, work, config):
         keras.callbacks.LambdaCallback(
             # Keras prints "Epoch N/M" only when M > 1; a 1-epoch run gets the same line from here.
             on_epoch_begin=lambda epoch, logs: print("Epoch 1/1", flush=True) if args.epochs == 1 else None,
-            on_epoch_end=lambda epoch, logs: logs.update(elapsed_seconds=round(offset + time.perf_counter() - clock)),
+            on_epoch_end=lambda epoch, logs: logs.update(
+                elapsed_seconds=round(offset + time.perf_counter() - clock),
+                learning_rate=float(model.optimizer.learning_rate),  # where the schedule is after this epoch
+            ),
         ),
         # Order matters for kill -9: an epoch is logged only after its checkpoint is complete, and a
         # logged epoch whose backup is missing is simply trained again (read_log keeps it once).

@@ -114,6 +114,9 @@ def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, t
     history = json.loads((out / "history.json").read_text())
     assert all(len(history[k]) == 3 for k in ("accuracy", "val_accuracy", "loss", "val_loss"))
     assert history["elapsed_seconds"] == sorted(history["elapsed_seconds"])
+    # the optimizer state came back: the cosine schedule kept decaying instead of restarting
+    rates = history["learning_rate"]
+    assert rates == sorted(rates, reverse=True) and len(set(rates)) == 3
     assert (out / MODEL_FILE).read_bytes() != previous
 
 
