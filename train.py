@@ -31,6 +31,7 @@ from utils import (
     MODEL_FILE,
     UserError,
     atomic_write,
+    build_model,
     fail,
     import_keras,
     list_images,
@@ -227,7 +228,7 @@ def train(args, out, work, config):
     batches = idg_batches(x_train, y_train, args.batch_size, args.seed, args.workers)
     steps = len(x_train) // args.batch_size
     schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=args.epochs * steps)
-    model = keras_model(args.image_size)
+    model = build_model(args.image_size)
     model.compile(
         optimizer=keras.optimizers.RMSprop(schedule),
         loss="binary_crossentropy",
@@ -308,12 +309,6 @@ def train(args, out, work, config):
         f"val {metrics['best_val_accuracy']:.4f}); {train_seconds:.0f} s of training; saved {out / MODEL_FILE}"
     )
     return metrics
-
-
-def keras_model(image_size):
-    from utils import build_model
-
-    return build_model(image_size)
 
 
 if __name__ == "__main__":
