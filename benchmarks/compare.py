@@ -22,18 +22,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import baseline  # noqa: E402
 import train  # noqa: E402
-from utils import DATA_DIR, IMAGE_SIZE, build_model, import_keras  # noqa: E402
+from utils import DATA_DIR, build_model, import_keras  # noqa: E402
 
 
-def timed_steps(model, batches, steps):
-    """Images per second over `steps` train_on_batch calls, batches fetched as fit would."""
-    it = iter(batches[i % len(batches)] for i in range(steps + 1))
-    model.train_on_batch(*next(it))  # warm-up (graph tracing)
-    images, start = 0, time.perf_counter()
-    for x, y in it:
-        model.train_on_batch(x, y)
-        images += len(x)
-    return images / (time.perf_counter() - start)
+def timed_steps(model, batches, steps, batch_size):
+    """Images per second over `steps` training steps of model.fit, after one warm-up step.
+
+    fit() reads `batches` the way train.py's run does (worker processes for a PyDataset that
+    asks for them), so the time includes any wait for augmented batches.
+    """
+    keras = import_keras()
+    marks = []
+    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: marks.append(time.perf_counter()))
+    model.fit(batches, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer])
+    return steps * batch_size / (marks[-1] - marks[0])
 
 
 def time_to(history_path, target):
@@ -58,26 +60,17 @@ def main():
     keras.utils.set_random_seed(0)
 
     a_model, (a_batches, _) = baseline.build(), baseline.flows(args.data)
-    x, y, _ = train.load_split(args.data, "train", IMAGE_SIZE)
-    b_batches = train.idg_batches(x, y, 64, seed=0, workers=2)
-    b_model = build_model(IMAGE_SIZE)
-    b_model.compile(keras.optimizers.RMSprop(2e-3), "binary_crossentropy", metrics=["accuracy"], jit_compile=False)
-    # B's batches come through Keras's own multiprocess loader, as in train.py's fit().
-    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
-
-    b_stream = PyDatasetAdapter(b_batches, shuffle=False).get_numpy_iterator()
-
-    class Stream:
-        def __len__(self):
-            return 10**9
-
-        def __getitem__(self, i):
-            return next(b_stream)
-
+    d = train.parse_args([])  # train.py's defaults, so B is exactly what `python train.py` runs
+    x, y, _ = train.load_split(args.data, "train", d.image_size)
+    b_batches = train.idg_batches(x, y, d.batch_size, seed=0, workers=d.workers)
+    b_model = build_model(d.image_size)
+    b_model.compile(
+        keras.optimizers.RMSprop(d.learning_rate), "binary_crossentropy", metrics=["accuracy"], jit_compile=False
+    )
     a_rates, b_rates = [], []
     for r in range(args.rounds):
-        a_rates.append(timed_steps(a_model, a_batches, args.steps))
-        b_rates.append(timed_steps(b_model, Stream(), args.steps))
+        a_rates.append(timed_steps(a_model, a_batches, args.steps, baseline.BATCH))
+        b_rates.append(timed_steps(b_model, b_batches, args.steps, d.batch_size))
         print(f"round {r + 1}: baseline {a_rates[-1]:6.1f} img/s   default {b_rates[-1]:6.1f} img/s", flush=True)
     ratios = [b / a for a, b in zip(a_rates, b_rates, strict=True)]
     fmt = lambda v: f"min {min(v):.1f} / median {statistics.median(v):.1f} / max {max(v):.1f}"  # noqa: E731
