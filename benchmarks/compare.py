@@ -25,13 +25,12 @@ import train  # noqa: E402
 from utils import DATA_DIR, build_model, import_keras  # noqa: E402
 
 
-def timed_steps(model, batches, steps, batch_size):
+def timed_steps(keras, model, batches, steps, batch_size):
     """Images per second over `steps` training steps of model.fit, after one warm-up step.
 
     fit() reads `batches` the way train.py's run does (worker processes for a PyDataset that
     asks for them), so the time includes any wait for augmented batches.
     """
-    keras = import_keras()
     marks = []
     timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: marks.append(time.perf_counter()))
     model.fit(batches, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer])
@@ -69,8 +68,8 @@ def main():
     )
     a_rates, b_rates = [], []
     for r in range(args.rounds):
-        a_rates.append(timed_steps(a_model, a_batches, args.steps, baseline.BATCH))
-        b_rates.append(timed_steps(b_model, b_batches, args.steps, d.batch_size))
+        a_rates.append(timed_steps(keras, a_model, a_batches, args.steps, baseline.BATCH))
+        b_rates.append(timed_steps(keras, b_model, b_batches, args.steps, d.batch_size))
         print(f"round {r + 1}: baseline {a_rates[-1]:6.1f} img/s   default {b_rates[-1]:6.1f} img/s", flush=True)
     ratios = [b / a for a, b in zip(a_rates, b_rates, strict=True)]
     fmt = lambda v: f"min {min(v):.1f} / median {statistics.median(v):.1f} / max {max(v):.1f}"  # noqa: E731

@@ -42,20 +42,22 @@ def main():
             tf = seconds("-c", "import tensorflow")
             one = seconds("predict.py", str(files[0]))
             many = seconds("predict.py", tmp)
-            rows.append((tf, one, many, (len(files) - 1) / (many - one)))
+            rows.append((tf, one, many, (len(files) - 1) / (many - one), one / tf))
             print(
                 f"round {r + 1}: import tensorflow {tf:.2f} s, one image {one:.2f} s ({one / tf:.2f}x), "
                 f"{len(files)} images {many:.2f} s",
                 flush=True,
             )
-    for i, name in enumerate(("import tensorflow s", "one image s", f"{len(files)} images s", "images/s after start")):
+    names = (
+        "import tensorflow s",
+        "one image s",
+        f"{len(files)} images s",
+        "images/s after start",
+        "one image / import tf",
+    )
+    for i, name in enumerate(names):
         v = [row[i] for row in rows]
         print(f"{name:>22}: min {min(v):.2f} / median {statistics.median(v):.2f} / max {max(v):.2f}")
-    ratios = [row[1] / row[0] for row in rows]
-    print(
-        f"{'one image / import tf':>22}: min {min(ratios):.2f} / median {statistics.median(ratios):.2f} / "
-        f"max {max(ratios):.2f}"
-    )
 
 
 if __name__ == "__main__":
