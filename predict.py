@@ -21,14 +21,17 @@ import numpy as np
 from utils import (
     IMAGE_EXTENSIONS,
     LABELS,
+    LITERT_FILE,
     MODEL_DIR,
     MODEL_FILE,
     BadImage,
     UserError,
+    dog_probabilities,
     fail,
     import_keras,
     list_images,
     load_image,
+    quiet_stderr,
     save_image_grid,
 )
 
@@ -38,7 +41,12 @@ BATCH = 64  # images decoded and predicted at a time, so memory stays flat for a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--model", type=Path, default=MODEL_DIR / MODEL_FILE, help="Keras model file (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help=f"a .keras or .tflite model file from train.py (default: {MODEL_DIR / LITERT_FILE} when it is there "
+        f"and ai-edge-litert is installed, else {MODEL_DIR / MODEL_FILE})",
+    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -65,35 +73,87 @@ def collect(paths):
     return files
 
 
+def default_model():
+    """models/cats_vs_dogs.tflite when it is there and LiteRT imports (no TensorFlow start-up), else the .keras file."""
+    litert = MODEL_DIR / LITERT_FILE
+    if litert.is_file():
+        try:
+            import ai_edge_litert.interpreter  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return litert
+    return MODEL_DIR / MODEL_FILE
+
+
 def load_model(path):
-    """The trained model and the image size it expects, or UserError."""
+    """(run, image size): run(batch of uint8 images) -> dog probabilities, from a .keras or .tflite file."""
     if not path.is_file():
         raise UserError(f"model {path} not found; train one with `python train.py` or pass --model FILE")
+    run, shape, out_shape = load_litert(path) if path.suffix.lower() == ".tflite" else load_keras(path)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or not shape[1] or tuple(out_shape[1:]) != (1,):
+        raise UserError(
+            f"{path} takes input {tuple(shape)} and gives {tuple(out_shape)}; "
+            "expected a cats-vs-dogs model from train.py (square RGB images in, one probability out)"
+        )
+    return run, int(shape[1])
+
+
+def load_keras(path):
     keras = import_keras()
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # a user's file can fail to load in many ways
         raise UserError(
-            f"{path} is not a Keras model file ({type(e).__name__}); pass a .keras file from train.py"
+            f"{path} is not a Keras model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
         ) from None
-    shape = tuple(model.input_shape) if not isinstance(model.input_shape, list) else None
-    if not shape or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or tuple(model.output_shape) != (None, 1):
+    if isinstance(model.input_shape, list) or isinstance(model.output_shape, list):
+        return None, (), ()
+
+    def run(batch):
+        """Full batches run through Keras's compiled predict step (about 2x faster here once traced);
+        smaller ones, a single photo say, run eagerly and so skip the tracing."""
+        if len(batch) == BATCH:
+            return np.asarray(model.predict_on_batch(batch))
+        return model(batch, training=False).numpy()
+
+    return run, tuple(model.input_shape), tuple(model.output_shape)
+
+
+def load_litert(path):
+    """The LiteRT interpreter of a .tflite file (numpy in, numpy out; TensorFlow is never imported)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
         raise UserError(
-            f"{path} takes input {model.input_shape} and gives {model.output_shape}; "
-            "expected a cats-vs-dogs model from train.py (square RGB images in, one probability out)"
-        )
-    return model, shape[1]
+            f"{path} needs the LiteRT runtime: `pip install ai-edge-litert`, or pass --model {MODEL_DIR / MODEL_FILE}"
+        ) from None
+    try:
+        with quiet_stderr():  # LiteRT prints its delegate notice, and its own error, to stderr
+            interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    except Exception as e:
+        raise UserError(
+            f"{path} is not a LiteRT model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
+        ) from None
+    if inp["dtype"] != np.float32:
+        return None, (), ()
+    batch_of = [None]
+
+    def run(batch):
+        if batch_of[0] != len(batch):  # the interpreter plans its memory for one batch size
+            interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
+            with quiet_stderr():  # the XNNPACK delegate announces itself here
+                interpreter.allocate_tensors()
+            batch_of[0] = len(batch)
+        interpreter.set_tensor(inp["index"], np.asarray(batch, dtype=np.float32))
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"]).copy()
+
+    return run, tuple(inp["shape"]), tuple(out["shape"])
 
 
-def forward(model, batch):
-    """Full batches run through Keras's compiled predict step (about 2x faster here once traced);
-    smaller ones, a single photo say, run eagerly and so skip the tracing."""
-    if len(batch) == BATCH:
-        return np.asarray(model.predict_on_batch(batch))
-    return model(batch, training=False).numpy()
-
-
-def predict(files, model, size):
+def predict(files, run, size):
     """Yield (path, dog probability or None, error or None, image or None) for each file, in order."""
 
     def read(path):
@@ -112,7 +172,7 @@ def predict(files, model, size):
             # decode the next batch while the model works on this one (two batches in memory at most)
             pending = [pool.submit(read, path) for path in chunks[n + 1]] if n + 1 < len(chunks) else []
             good = [img for img, _ in loaded if img is not None]
-            probs = iter(forward(model, np.stack(good)).ravel()) if good else iter(())
+            probs = iter(dog_probabilities(run, np.stack(good))) if good else iter(())
             for path, (img, error) in zip(chunk, loaded, strict=True):
                 yield path, (None if error else float(next(probs))), error, img
 
@@ -128,11 +188,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         files = collect(args.paths)
-        model, size = load_model(args.model)
+        run, size = load_model(args.model or default_model())
     except UserError as e:
         fail(str(e))
     failed, kept = 0, []
-    for path, prob, error, img in predict(files, model, size):
+    for path, prob, error, img in predict(files, run, size):
         if error:
             failed += 1
             print(json.dumps({"path": str(path), "error": error}) if args.json else f"{path}\terror: {error}")
@@ -147,7 +207,10 @@ def main(argv=None):
         if args.show and len(kept) < 64:
             kept.append((path, prob, error, img))
     if args.show:
-        show(kept, args.show)
+        try:
+            show(kept, args.show)
+        except UserError as e:  # a full disk, say
+            fail(str(e))
     return 1 if failed else 0
 
 

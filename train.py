@@ -3,11 +3,15 @@
     python train.py                     # data/processed -> models/
     python train.py --epochs 2 --resume # continue an interrupted run in the same --out
 
-1. Load each split once into memory at --image-size (the same load_image that predict.py uses).
-2. Augment training batches with Keras's ImageDataGenerator in worker processes,
-   so augmentation overlaps the network's compute.
-3. Fit with RMSprop and a cosine learning-rate decay; keep the best epoch by validation accuracy.
-4. Evaluate that best model on the test split and save the model, history and metrics.
+1. data:     load each split once into memory at --image-size (the same load_image that predict.py uses).
+2. batches:  shuffle and augment training batches (Keras preprocessing layers in tf.data, or
+             ImageDataGenerator in worker processes); progressive resizing trains the early epochs
+             on smaller images, which are cheaper, and the last ones at full size.
+3. model:    the CNN of utils.build_model, RMSprop warmed up then decayed along a cosine, label
+             smoothing, an exponential moving average of the weights, bfloat16 where the CPU has it.
+4. fit:      each epoch is validated with the averaged weights; the best epoch is kept.
+5. evaluate: the best weights on the test split, each photo averaged with its mirror (utils.dog_probabilities).
+6. save:     the model in float32 at the final size (.keras and its LiteRT copy .tflite), history, metrics.
 """
 
 import argparse
@@ -27,30 +31,54 @@ from utils import (
     CLASS_NAMES,
     DATA_DIR,
     IMAGE_SIZE,
+    LITERT_FILE,
+    MIRROR_TTA,
     MODEL_DIR,
     MODEL_FILE,
+    DiskFull,
     UserError,
     atomic_write,
+    available_memory,
     build_model,
+    check_space,
+    cpu_has_bf16,
+    cpu_model,
+    dog_probabilities,
+    exclusive,
     fail,
     import_keras,
+    is_disk_full,
     list_images,
     load_image,
+    megabytes,
     write_json,
 )
 
-# ImageDataGenerator's random transforms for training images; users tune them here.
-# Milder than the original notebook's (rotation 40, shifts/shear/zoom 0.2), which slowed learning.
+PROCESS_START = time.perf_counter()  # time to accuracy counts from here
+
+# Random transforms of training images, the one place to tune them. Both engines read this dict:
+# rotation as a fraction of a full turn, translation and zoom as fractions of the image side.
 AUGMENTATION = dict(
-    rotation_range=15,
-    width_shift_range=0.1,
-    height_shift_range=0.1,
-    shear_range=0.1,
-    zoom_range=0.15,
     horizontal_flip=True,
+    rotation=0.04,  # +-14 degrees
+    translation=0.1,
+    zoom=0.15,
     fill_mode="nearest",
 )
-RESUMABLE = ("epochs", "batch_size", "image_size", "learning_rate", "seed", "data")
+# Flags that must be the same for --resume to continue a run.
+RESUMABLE = (
+    "epochs",
+    "batch_size",
+    "image_size",
+    "learning_rate",
+    "seed",
+    "data",
+    "engine",
+    "progressive",
+    "label_smoothing",
+    "ema",
+    "precision",
+)
 
 
 def parse_args(argv=None):
@@ -59,14 +87,51 @@ def parse_args(argv=None):
     p.add_argument(
         "--out", type=Path, default=MODEL_DIR, help="where the model and its files go (default: %(default)s)"
     )
-    p.add_argument("--epochs", type=int, default=15, help="passes over the training split (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training split (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per training step (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="pixels per side (default: %(default)s)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=IMAGE_SIZE,
+        help="pixels per side of the finished model, and of the last epochs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--progressive",
+        type=float,
+        default=2 / 3,
+        help="share of the epochs trained on smaller images (from half of --image-size up, in 32 px steps); "
+        "0 trains every epoch at --image-size (default: %(default).2f)",
+    )
     p.add_argument(
         "--learning-rate",
         type=float,
         default=2e-3,
-        help="RMSprop's starting rate, decayed along a cosine to 0 (default: %(default)s)",
+        help="RMSprop's peak rate, reached after a one-epoch warm-up, then decayed along a cosine to 0 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--label-smoothing", type=float, default=0.05, help="targets 0/1 become e/2 and 1-e/2 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.99,
+        help="momentum of the moving average of the weights that is validated and saved; 0 turns it off "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "float32", "mixed_bfloat16"),
+        default="auto",
+        help="compute type: auto = mixed_bfloat16 on CPUs with AVX512_BF16 or AMX, float32 elsewhere "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("layers", "idg"),
+        default="layers",
+        help="augmentation: Keras preprocessing layers in tf.data, or ImageDataGenerator in --workers "
+        "processes (trains at --image-size only) (default: %(default)s)",
     )
     p.add_argument(
         "--seed", type=int, default=42, help="seed of weights, shuffling and augmentation (default: %(default)s)"
@@ -75,7 +140,8 @@ def parse_args(argv=None):
         "--workers",
         type=int,
         default=2,
-        help="processes that augment batches while the network trains; 1 = in the main process (default: %(default)s)",
+        help="--engine idg: processes that augment batches while the network trains; 1 = in the main process "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--resume",
@@ -89,13 +155,28 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_size < 32:
-        p.error("--image-size must be at least 32 (the network halves it four times)")
+        p.error("--image-size must be at least 32 (the network halves it five times)")
+    if not 0 <= args.progressive < 1:
+        p.error("--progressive must be in [0, 1)")
+    if not 0 <= args.label_smoothing < 1 or not 0 <= args.ema < 1:
+        p.error("--label-smoothing and --ema must be in [0, 1)")
+    if args.engine == "idg" and args.progressive:
+        p.error("--engine idg trains at one size; add --progressive 0")
     return args
 
 
+def image_sizes(final, epochs, progressive):
+    """Training image size of each epoch: the first `progressive` share of the epochs climb from half
+    of `final` in 32 px steps (64, 96 for 128), the rest train at `final`."""
+    small = list(range(max(32, final // 2 // 32 * 32), final, 32))
+    n_small = round(progressive * epochs) if small else 0
+    sizes = [small[i * len(small) // n_small] for i in range(n_small)] if n_small else []
+    return sizes + [final] * (epochs - n_small)
+
+
 # --- 1. data -------------------------------------------------------------------
-def load_split(data, split, size):
-    """All images of one split as (uint8 array N x size x size x 3, float labels, paths)."""
+def list_split(data, split):
+    """(paths, labels) of one split's images."""
     folder = data / split
     paths, labels = [], []
     for label, cls in enumerate(CLASS_NAMES):
@@ -104,9 +185,67 @@ def load_split(data, split, size):
             raise UserError(f"{folder / cls} has no images; run `python prepare_data.py --out {data}` first")
         paths += files
         labels += [label] * len(files)
+    return paths, labels
+
+
+def check_memory(counts, size):
+    """Refuse, before loading, when the splits will not fit in the memory that is available."""
+    per_image = size * size * 3
+    # the training split twice (numpy, and TensorFlow's copy), the others once, plus TensorFlow itself
+    need = lambda s: (2 * counts[0] + sum(counts[1:])) * s * s * 3 + 1.5e9  # noqa: E731
+    available = available_memory()
+    if available is not None and need(size) > available:
+        smaller = next((s for s in (96, 64, 48, 32) if s < size and need(s) <= available), None)
+        hint = f"lower --image-size ({smaller} px needs {megabytes(need(smaller))})" if smaller else "free memory"
+        raise UserError(
+            f"training on {sum(counts):,} images at {size} px needs about {megabytes(need(size))} of memory "
+            f"({per_image:,} bytes an image) and {megabytes(available)} is available; {hint}"
+        )
+
+
+def load_split(paths, labels, size):
+    """All images of one split as (uint8 array N x size x size x 3, float labels, paths)."""
     with ThreadPoolExecutor() as pool:  # PIL decodes without holding the GIL
         images = np.stack(list(pool.map(lambda p: load_image(p, size), paths)))
     return images, np.array(labels, dtype="float32"), paths
+
+
+def resize(images, size):
+    """A batch at another side length, the same way for training and validation batches."""
+    import tensorflow as tf
+
+    images = tf.cast(images, "float32")
+    if isinstance(size, int) and images.shape[1] == size:
+        return images
+    return tf.image.resize(images, (size, size), antialias=True)
+
+
+# --- 2. batches ------------------------------------------------------------------
+def layer_batches(x, y, batch_size, seed, sizes, first_epoch):
+    """tf.data batches for epochs first_epoch.. (one epoch after the other, each at its size),
+    augmented by Keras preprocessing layers on the fly."""
+    keras = import_keras()
+    import tensorflow as tf
+
+    layers, a = keras.layers, AUGMENTATION
+    augment = keras.Sequential(
+        ([layers.RandomFlip("horizontal", seed=seed)] if a["horizontal_flip"] else [])
+        + [
+            layers.RandomRotation(a["rotation"], fill_mode=a["fill_mode"], seed=seed + 1),
+            layers.RandomTranslation(a["translation"], a["translation"], fill_mode=a["fill_mode"], seed=seed + 2),
+            layers.RandomZoom(a["zoom"], fill_mode=a["fill_mode"], seed=seed + 3),
+        ]
+    )
+    # Every epoch's shuffled batch indices and image size, drawn up front: a resumed run draws the same.
+    steps = len(y) // batch_size
+    order = [np.random.default_rng([seed, e]).permutation(len(y))[: steps * batch_size] for e in range(len(sizes))]
+    index = np.concatenate(order[first_epoch:]).reshape(-1, batch_size)
+    side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)  # one copy in TensorFlow's memory
+    epochs = tf.data.Dataset.from_tensor_slices((index, side)).map(
+        lambda i, s: (augment(resize(tf.gather(x, i), s), training=True), tf.gather(y, i)), num_parallel_calls=2
+    )
+    return epochs.prefetch(2)
 
 
 def idg_batches(x, y, batch_size, seed, workers):
@@ -114,7 +253,15 @@ def idg_batches(x, y, batch_size, seed, workers):
     keras = import_keras()
     import tensorflow as tf  # Keras 3 keeps ImageDataGenerator only under tf.keras
 
-    generator = tf.keras.preprocessing.image.ImageDataGenerator(**AUGMENTATION)
+    a = AUGMENTATION
+    generator = tf.keras.preprocessing.image.ImageDataGenerator(
+        rotation_range=a["rotation"] * 360,
+        width_shift_range=a["translation"],
+        height_shift_range=a["translation"],
+        zoom_range=a["zoom"],
+        horizontal_flip=a["horizontal_flip"],
+        fill_mode=a["fill_mode"],
+    )
     parent = os.getpid()
 
     class Batches(keras.utils.PyDataset):
@@ -143,22 +290,27 @@ def idg_batches(x, y, batch_size, seed, workers):
     return Batches()
 
 
-def atomic_backup_class():
+# --- 3. model ----------------------------------------------------------------------
+def compile_model(args, steps):
+    """The trainable model (any image size), compiled with the schedule, loss and averaging."""
     keras = import_keras()
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0,
+        decay_steps=max(1, (args.epochs - 1) * steps),
+        warmup_target=args.learning_rate,
+        warmup_steps=steps,
+    )
+    model = build_model(None if args.engine == "layers" else args.image_size)
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(schedule, use_ema=args.ema > 0, ema_momentum=args.ema or 0.99),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=args.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=False,  # XLA was slower on CPU here
+    )
+    return model
 
-    class AtomicBackup(keras.callbacks.BackupAndRestore):
-        """Keras's BackupAndRestore, but each file is replaced by a rename, so kill -9 while it
-        saves leaves the previous backup rather than half a file (which Keras cannot load)."""
 
-        def _save_model(self):
-            atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
-            # metadata after weights: it never claims an epoch the weights do not have
-            write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
-
-    return AtomicBackup
-
-
-# --- 2. bookkeeping ---------------------------------------------------------------
+# --- 4. fit: callbacks ---------------------------------------------------------------
 def read_log(path):
     """Epoch rows of the CSV log, each epoch once (a row written twice around a crash counts once)."""
     if not path.exists():
@@ -170,6 +322,142 @@ def read_log(path):
     return [rows[e] for e in sorted(rows)]
 
 
+def averaged_weights(model):
+    """A context in which the model holds the moving average of its weights (if the optimizer keeps one)."""
+    import contextlib
+
+    keras = import_keras()
+
+    @contextlib.contextmanager
+    def swapped():
+        if not model.optimizer.use_ema:
+            yield
+            return
+        swap = keras.callbacks.SwapEMAWeights()
+        swap.set_model(model)
+        swap.on_test_begin()  # puts the averages into the model
+        try:
+            yield
+        finally:
+            swap.on_test_end()  # and the trained weights back
+
+    return swapped()
+
+
+def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
+    """Validation, best-epoch keeping, the log and the backup, in the order kill -9 needs."""
+    keras = import_keras()
+    val_at = {}
+    weights_bytes = state_bytes(model)
+
+    class Validate(keras.callbacks.Callback):
+        """Validation accuracy and loss of the averaged weights, at the epoch's image size,
+        with and without the mirror-image average (val_accuracy is what utils.MIRROR_TTA chooses)."""
+
+        def on_epoch_end(self, epoch, logs):
+            size = sizes[epoch]
+            if size not in val_at:
+                val_at[size] = resize(x_val, size).numpy() if size != x_val.shape[1] else x_val
+            images = val_at[size]
+            with averaged_weights(model):
+                plain = np.concatenate([model(images[i : i + 256], training=False) for i in range(0, len(images), 256)])
+                mirror = np.concatenate(
+                    [model(images[i : i + 256, :, ::-1], training=False) for i in range(0, len(images), 256)]
+                )
+            plain, both = plain.ravel().astype("float64"), (plain.ravel() + mirror.ravel()).astype("float64") / 2
+            chosen = both if MIRROR_TTA else plain  # as utils.dog_probabilities, without a second pass
+            eps = 1e-7
+            logs.update(
+                val_accuracy=float(np.mean((chosen > 0.5) == (y_val > 0.5))),
+                val_loss=float(-np.mean(y_val * np.log(chosen + eps) + (1 - y_val) * np.log(1 - chosen + eps))),
+                val_accuracy_plain=float(np.mean((plain > 0.5) == (y_val > 0.5))),
+                val_accuracy_mirror=float(np.mean((both > 0.5) == (y_val > 0.5))),
+                image_size=size,
+                elapsed_seconds=round(offset + time.perf_counter() - PROCESS_START),
+                learning_rate=float(model.optimizer.learning_rate),  # where the schedule is after this epoch
+            )
+
+    class KeepBest(keras.callbacks.Callback):
+        """Saves the averaged weights of each epoch that improves validation accuracy as
+        best-NNN.weights.h5, and removes older ones once the log no longer points at them."""
+
+        def __init__(self, best):
+            super().__init__()
+            self.best = best
+
+        def on_epoch_end(self, epoch, logs):
+            if logs["val_accuracy"] > self.best:
+                self.best = logs["val_accuracy"]
+                with averaged_weights(model):
+                    atomic_write(work / f"best-{epoch + 1:03d}.weights.h5", model.save_weights, need=weights_bytes)
+                keep = {f"best-{epoch + 1:03d}.weights.h5", best_file(work).name}
+                for old in work.glob("best-*.weights.h5"):
+                    if old.name not in keep:
+                        old.unlink()
+
+    previous = read_log(work / "log.csv")
+    callbacks = [
+        # Keras prints "Epoch N/M" only when M > 1; a 1-epoch run gets the same line from here.
+        keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: print("Epoch 1/1", flush=True) if args.epochs == 1 else None
+        ),
+        Validate(),
+        # Order matters for kill -9: an epoch is logged only after its best weights are whole, and a
+        # logged epoch whose backup is missing is simply trained again (read_log keeps it once).
+        KeepBest(max((r["val_accuracy"] for r in previous), default=-1.0)),
+        keras.callbacks.CSVLogger(str(work / "log.csv"), append=True),
+        backup_class(state_bytes(model))(str(work / "backup"), delete_checkpoint=False),
+    ]
+    if args.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(str(args.out / "logs")))
+    return callbacks
+
+
+def best_file(work):
+    """The weights file of the logged epoch with the best validation accuracy."""
+    log = read_log(work / "log.csv")
+    if not log:
+        return work / "best-000.weights.h5"
+    best = max(range(len(log)), key=lambda i: (log[i]["val_accuracy"], -i))
+    return work / f"best-{int(log[best]['epoch']) + 1:03d}.weights.h5"
+
+
+def state_bytes(model):
+    """Bytes of a weights file with the optimizer's state (RMSprop's averages and the EMA) beside the weights."""
+    return 4 * model.count_params() * 4 + 1_000_000
+
+
+def backup_class(need):
+    keras = import_keras()
+
+    class AtomicBackup(keras.callbacks.BackupAndRestore):
+        """Keras's BackupAndRestore, but each file is replaced by a rename, so kill -9 while it
+        saves leaves the previous backup rather than half a file (which Keras cannot load)."""
+
+        def _save_model(self):
+            atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True), need=need)
+            # metadata after weights: it never claims an epoch the weights do not have
+            write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+    return AtomicBackup
+
+
+def forget_unbacked_epochs(log, first):
+    """Drop log rows of epochs that the backup does not hold: a resumed run trains them again."""
+    if log.exists():
+        lines = log.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < first]
+        if kept != lines:
+            atomic_write(log, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def finished_epochs(work):
+    """Epochs the backup holds (where a resumed fit starts)."""
+    meta = work / "backup" / "training_metadata.json"
+    return json.loads(meta.read_text())["epoch"] if meta.exists() else 0
+
+
+# --- the run ---------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     # Ctrl-C must reach us even when started from a shell that ignores it (a background job).
@@ -186,9 +474,17 @@ def main(argv=None):
             ]
             if diff:
                 raise UserError(f"--resume needs the flags of the interrupted run: {', '.join(diff)}")
-        return train(args, out, work, config)
-    except UserError as e:
-        fail(str(e))
+        with exclusive(out / ".lock", f"--out {out}"):
+            return train(args, out, work, config)
+    except Exception as e:
+        if not isinstance(e, UserError) and not is_disk_full(e):
+            raise
+        message = str(e) if isinstance(e, UserError) else str(DiskFull(out, 0))
+        if isinstance(e, DiskFull) or is_disk_full(e):
+            flags = " ".join(sys.argv[1:]).replace("--resume", "").strip()
+            if read_log(work / "log.csv"):
+                message += f"; then continue with: python train.py {flags} --resume".replace("  ", " ")
+        fail(message)
     except KeyboardInterrupt:
         done = len(read_log(work / "log.csv"))
         flags = " ".join(sys.argv[1:]).replace("--resume", "").strip()
@@ -203,9 +499,13 @@ def train(args, out, work, config):
     if not args.data.is_dir():
         raise UserError(f"{args.data} does not exist; run `python prepare_data.py` first")
     started = time.perf_counter()
-    x_train, y_train, _ = load_split(args.data, "train", args.image_size)
-    x_val, y_val, _ = load_split(args.data, "val", args.image_size)
-    x_test, y_test, test_paths = load_split(args.data, "test", args.image_size)
+
+    # 1. data
+    splits = [list_split(args.data, split) for split in ("train", "val", "test")]
+    check_memory([len(paths) for paths, _ in splits], args.image_size)
+    x_train, y_train, _ = load_split(*splits[0], args.image_size)
+    x_val, y_val, _ = load_split(*splits[1], args.image_size)
+    x_test, y_test, test_paths = load_split(*splits[2], args.image_size)
     if len(x_train) < args.batch_size:
         raise UserError(
             f"{args.data}/train has {len(x_train)} images, fewer than --batch-size {args.batch_size}; "
@@ -218,97 +518,117 @@ def train(args, out, work, config):
     )
 
     keras = import_keras()
-
     keras.utils.set_random_seed(args.seed)
-    AtomicBackup = atomic_backup_class()
-    if not args.resume:  # only now that the data is good: a refused run leaves an unfinished one alone
+    precision = args.precision if args.precision != "auto" else "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    # 2. model, batches
+    sizes = image_sizes(args.image_size, args.epochs, args.progressive)
+    steps = len(x_train) // args.batch_size
+    model = compile_model(args, steps)
+    # what the run will write, before an hour of training: the backup and its previous copy, at most two
+    # best-epoch files, the model and its LiteRT copy
+    check_space(out, 4 * state_bytes(model) + 2 * 4 * model.count_params())
+    if not args.resume:  # only now that data and disk are good: a refused run leaves an unfinished one alone
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "config.json", config)
-    batches = idg_batches(x_train, y_train, args.batch_size, args.seed, args.workers)
-    steps = len(x_train) // args.batch_size
-    schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=args.epochs * steps)
-    model = build_model(args.image_size)
-    model.compile(
-        optimizer=keras.optimizers.RMSprop(schedule),
-        loss="binary_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=False,
-    )  # XLA was slower on CPU here
+    first = finished_epochs(work)
+    forget_unbacked_epochs(work / "log.csv", first)
+    if args.engine == "layers":
+        batches = layer_batches(x_train, y_train, args.batch_size, args.seed, sizes, min(first, args.epochs - 1))
+    else:
+        batches = idg_batches(x_train, y_train, args.batch_size, args.seed, args.workers)
+    print(f"precision {precision}; image size by epoch {sizes}", flush=True)
 
+    # 4. fit; elapsed_seconds count from this process's start, plus what earlier runs of a resumed one took
     previous = read_log(work / "log.csv")
     offset = previous[-1]["elapsed_seconds"] if previous else 0.0
-    clock = time.perf_counter()
-    # One file per improvement, named by epoch: the best logged epoch's file is always whole.
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(work / "best-{epoch:03d}.keras"), monitor="val_accuracy", save_best_only=True
-    )
-    if previous:  # the best-so-far must survive the resume, not restart from -inf
-        checkpoint.best = max(r["val_accuracy"] for r in previous)
-    callbacks = [
-        keras.callbacks.LambdaCallback(
-            # Keras prints "Epoch N/M" only when M > 1; a 1-epoch run gets the same line from here.
-            on_epoch_begin=lambda epoch, logs: print("Epoch 1/1", flush=True) if args.epochs == 1 else None,
-            on_epoch_end=lambda epoch, logs: logs.update(
-                elapsed_seconds=round(offset + time.perf_counter() - clock),
-                learning_rate=float(model.optimizer.learning_rate),  # where the schedule is after this epoch
-            ),
-        ),
-        # Order matters for kill -9: an epoch is logged only after its checkpoint is complete, and a
-        # logged epoch whose backup is missing is simply trained again (read_log keeps it once).
-        checkpoint,
-        keras.callbacks.CSVLogger(str(work / "log.csv"), append=True),
-        AtomicBackup(str(work / "backup")),
-    ]
-    if args.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(str(out / "logs")))
     model.fit(
         batches,
-        validation_data=(x_val, y_val),
         epochs=args.epochs,
-        callbacks=callbacks,
+        steps_per_epoch=steps,
+        shuffle=False,  # the batches are shuffled per epoch already
+        callbacks=training_callbacks(args, model, work, sizes, x_val, y_val, offset),
         verbose=1 if sys.stdout.isatty() else 2,
     )  # a progress bar on a terminal, a line per epoch in logs
-    train_seconds = offset + time.perf_counter() - clock
 
-    # Evaluate the best epoch on the test split, then move every result into place.
+    # 4. evaluate: the best epoch's averaged weights, in float32 at the final size, on the test split
     log = read_log(work / "log.csv")
-    keys = ["accuracy", "val_accuracy", "loss", "val_loss", "learning_rate", "elapsed_seconds"]
-    history = {k: [r[k] for r in log if k in r] for k in keys}
-    history = {k: v for k, v in history.items() if v}
-    best_epoch = int(np.argmax(history["val_accuracy"]))
-    best_file = work / f"best-{best_epoch + 1:03d}.keras"
-    best = keras.models.load_model(best_file)
-    prob = best.predict(x_test, batch_size=256, verbose=0).ravel()
-    metrics = {
-        "test_accuracy": round(float(np.mean((prob > 0.5) == (y_test > 0.5))), 4),
-        "test_loss": round(float(keras.losses.binary_crossentropy(y_test, prob).numpy().mean()), 4),
-        "test_images": len(y_test),
-        "train_images": len(x_train),
-        "val_images": len(x_val),
-        "best_epoch": best_epoch + 1,
-        "best_val_accuracy": round(history["val_accuracy"][best_epoch], 4),
-        "epochs": len(log),
-        "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": round(len(log) * steps * args.batch_size / train_seconds, 1),
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "parameters": best.count_params(),
-    }
+    model.load_weights(best_file(work))
+    keras.mixed_precision.set_global_policy("float32")
+    final = build_model(args.image_size)
+    final.set_weights(model.get_weights())
+    run = lambda batch: final.predict(batch, batch_size=256, verbose=0)  # noqa: E731
+    prob = dog_probabilities(run, x_test)
+    plain = run(x_test).ravel()
+    history = metrics_of(args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val))
+
+    # 5. save, each file whole or not at all
     predictions = [
         {"path": str(p), "label": int(t), "dog_probability": round(float(q), 4)}
         for p, t, q in zip(test_paths, y_test, prob, strict=True)
     ]
-    atomic_write(out / MODEL_FILE, lambda tmp: shutil.copyfile(best_file, tmp))
-    write_json(out / "history.json", history)
+    atomic_write(out / MODEL_FILE, final.save, need=4 * final.count_params())
+    atomic_write(out / LITERT_FILE, lambda tmp: export_litert(final, tmp), need=4 * final.count_params())
+    write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", history["metrics"])
     shutil.rmtree(work, ignore_errors=True)
+    m = history["metrics"]
     print(
-        f"test accuracy {metrics['test_accuracy']:.4f} on {len(y_test)} images (best epoch {best_epoch + 1}, "
-        f"val {metrics['best_val_accuracy']:.4f}); {train_seconds:.0f} s of training; saved {out / MODEL_FILE}"
+        f"test accuracy {m['test_accuracy']:.4f} on {len(y_test)} images (best epoch {m['best_epoch']}, "
+        f"val {m['best_val_accuracy']:.4f}); {m['train_seconds']:.0f} s from start to last epoch; "
+        f"saved {out / MODEL_FILE}"
     )
-    return metrics
+    return m
+
+
+def export_litert(model, path):
+    """The model as a LiteRT (.tflite) file with built-in ops only, for predict.py without TensorFlow."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's signature
+        model.export(path, format="litert", verbose=False)
+
+
+def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, val_images):
+    """history.json (per epoch) and metrics.json (the saved model on the test split)."""
+    keys = [
+        "accuracy",
+        "val_accuracy",
+        "loss",
+        "val_loss",
+        "val_accuracy_plain",
+        "val_accuracy_mirror",
+        "image_size",
+        "learning_rate",
+        "elapsed_seconds",
+    ]
+    history = {k: [r[k] for r in log if k in r] for k in keys}
+    history = {k: v for k, v in history.items() if v}
+    best_epoch = int(np.argmax(history["val_accuracy"]))
+    reached = [r["elapsed_seconds"] for r in log if r["val_accuracy"] >= 0.9]
+    metrics = {
+        "test_accuracy": round(float(np.mean((prob > 0.5) == (y_test > 0.5))), 4),
+        "test_accuracy_plain": round(float(np.mean((plain > 0.5) == (y_test > 0.5))), 4),
+        "test_loss": round(float(-np.mean(y_test * np.log(prob + 1e-7) + (1 - y_test) * np.log(1 - prob + 1e-7))), 4),
+        "test_images": len(y_test),
+        "train_images": train_images,
+        "val_images": val_images,
+        "best_epoch": best_epoch + 1,
+        "best_val_accuracy": round(history["val_accuracy"][best_epoch], 4),
+        "epochs": len(log),
+        "seconds_to_90_val": reached[0] if reached else None,
+        "train_seconds": log[-1]["elapsed_seconds"],  # wall time from process start, data loading included
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "parameters": final.count_params(),
+        "precision": precision,
+        "engine": args.engine,
+        "cpu": cpu_model(),
+    }
+    return {"history": history, "metrics": metrics}
 
 
 if __name__ == "__main__":

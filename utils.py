@@ -4,9 +4,12 @@ Every script imports its facts from here, so training and prediction can never
 disagree on class names, image size or preprocessing.
 """
 
+import contextlib
+import errno
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -20,13 +23,14 @@ CLASS_NAMES = ("cats", "dogs")  # folder names of a split; label index = positio
 LABELS = ("cat", "dog")  # what predict.py prints for label 0 and 1
 SOURCE_CLASSES = {"cat": 0, "dog": 1}  # folder names in the Microsoft archive
 SPLITS = ("train", "val", "test")
-IMAGE_SIZE = 64  # pixels per side fed to the network (train.py --image-size)
+IMAGE_SIZE = 128  # pixels per side of the finished model (train.py --image-size)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 DATA_DIR = Path("data/processed")
 CACHE_DIR = Path("data")  # downloads go to data/downloads
 MODEL_DIR = Path("models")
 MODEL_FILE = "cats_vs_dogs.keras"
+LITERT_FILE = "cats_vs_dogs.tflite"  # the same model for LiteRT: predict.py without TensorFlow
 MICROSOFT_URL = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"
 )
@@ -35,6 +39,9 @@ MICROSOFT_URL = (
 # 10,000 x 10,000 photos still pass, and JPEGs that large decode at reduced scale.
 MAX_PIXELS = 120_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# A source file larger than this is dropped unread (no real photo comes near; a zip bomb does),
+# so reading a hostile archive never needs more memory than this per worker.
+MAX_FILE_BYTES = 64 * 2**20
 
 
 class UserError(Exception):
@@ -95,11 +102,56 @@ def list_images(folder):
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-# --- files -----------------------------------------------------------------
-def atomic_write(path, write):
-    """Call write(tmp_path) and rename the result onto path, so path is never half-written."""
+# --- files ---------------------------------------------------------------
+class DiskFull(UserError):
+    """A write that does not fit on the disk: the folder, and how much the step needed."""
+
+    def __init__(self, folder, need, free=None):
+        free = free_bytes(folder) if free is None else free
+        super().__init__(
+            f"the disk of {folder} is full: this step needs about {megabytes(need)} and {megabytes(free)} "
+            "is free; free some space (or choose another folder) and run again"
+        )
+
+
+def megabytes(n):
+    return f"{n / 1e3:,.0f} kB" if n < 1e6 else f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def free_bytes(folder):
+    """Free bytes on the filesystem that holds folder (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_space(folder, need):
+    """Raise DiskFull unless folder's disk has room for need bytes plus a small margin."""
+    free = free_bytes(folder)
+    need += 64_000 + need // 20
+    if free < need:
+        raise DiskFull(folder, need, free)
+
+
+def is_disk_full(error):
+    """ENOSPC or EDQUOT, also when a library (h5py) reports it only in its message."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
+
+
+def atomic_write(path, write, need=0):
+    """Call write(tmp_path) and rename the result onto path, so path is never half-written.
+
+    need: bytes the file will take (0 if small or unknown), checked before writing. A disk that
+    fills up while writing raises DiskFull, and the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if need:
+        check_space(path.parent, need)
     suffix = "".join(path.suffixes)  # keep ".weights.h5" whole: Keras checks file endings
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
@@ -109,9 +161,71 @@ def atomic_write(path, write):
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        os.remove(tmp)
+        raise DiskFull(path.parent, max(need, written + free_bytes(path.parent))) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file, what):
+    """Hold lock_file for the duration of the block, or refuse when another process holds it.
+
+    The kernel releases the lock when its process ends, however it ends, so a killed run never
+    blocks the next one. The file is removed at the end; a process that opened it just before
+    sees that its file is no longer the one at lock_file and tries again.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock_file, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"{what} is in use by another run (process {pid}); wait for it to end or stop it") from None
+        try:
+            if os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # removed by the run that just ended: lock the new file instead
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        os.unlink(lock_file)
+        f.close()
+
+
+def available_memory():
+    """Bytes of memory a new allocation can get: MemAvailable, or a cgroup limit if lower."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available or 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def write_json(path, obj):
@@ -157,25 +271,29 @@ def fail(message, code=2):
     sys.exit(code)
 
 
-def import_keras():
-    """Import Keras (on TensorFlow) without TensorFlow's start-up chatter on stderr.
-
-    TensorFlow's C++ start-up (CUDA probing, CPU feature notes) writes to the stderr
-    file descriptor before its log settings apply, so stderr is parked while it starts.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+@contextlib.contextmanager
+def quiet_stderr():
+    """Park the stderr file descriptor: native start-up chatter (TensorFlow's CUDA probing and CPU
+    notes, LiteRT's delegate notice) is written there before any log setting applies."""
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import keras
-        import tensorflow as tf
-
-        tf.config.list_logical_devices()  # device start-up happens here, while muted
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def import_keras():
+    """Import Keras (on TensorFlow) without TensorFlow's start-up chatter on stderr."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_stderr():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()  # device start-up happens here, while muted
     return keras
 
 
@@ -195,26 +313,67 @@ class Progress:
             print(f"\r{self.label}: {self.done}/{self.total} ({pct}%)", end=end, file=sys.stderr, flush=True)
 
 
-# --- model -----------------------------------------------------------------
-def build_model(image_size=IMAGE_SIZE, widths=(16, 32, 64, 128), dropout=0.3):
-    """The CNN: Conv/BatchNorm/ReLU/MaxPool blocks, global average pooling, dropout, sigmoid.
+# --- model ---------------------------------------------------------------
+def build_model(image_size=IMAGE_SIZE, widths=(32, 64, 128, 256), stem=32, dropout=0.3, block_dropout=0.1):
+    """The CNN: a strided Conv stem, then blocks of two Conv/BatchNorm/ReLU, MaxPool and Dropout,
+    global average pooling, Dropout and one sigmoid unit (1.18 M parameters by default).
 
-    The first block has one 3x3 convolution, the others two; global average
-    pooling replaces the baseline's 9.5M-parameter Flatten/Dense (0.29M parameters in all).
+    image_size None builds a fully convolutional model that takes any size (progressive resizing
+    trains it so); the saved model is rebuilt at the final size, which predict.py reads from it.
+    Layers are named, so weights move between the two builds by name.
     """
     keras = import_keras()
     layers = keras.layers
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1 / 255)(inputs)
-    for i, width in enumerate(widths):
-        for _ in range(1 if i == 0 else 2):
-            x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-            x = layers.BatchNormalization()(x)
-            x = layers.ReLU()(x)
-        x = layers.MaxPooling2D()(x)
-        x = layers.Dropout(dropout / 3)(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(dropout)(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="dog_probability")(x)
+    x = layers.Rescaling(1 / 255, name="rescale")(inputs)
+    x = layers.Conv2D(stem, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for i, width in enumerate(widths, 1):
+        for j in (1, 2):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
+            x = layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = layers.ReLU(name=f"block{i}_relu{j}")(x)
+        x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
+        x = layers.Dropout(block_dropout, name=f"block{i}_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="average")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="dog_probability")(x)
     return keras.Model(inputs, outputs, name="cats_vs_dogs")
+
+
+# Test-time augmentation: each prediction averages the photo and its mirror image.
+# train.py reports validation accuracy with and without it (history.json: val_accuracy_mirror).
+MIRROR_TTA = True
+
+
+def dog_probabilities(run, images):
+    """The one prediction of evaluation and predict.py: run(batch) -> dog probabilities,
+    averaged with the mirrored batch when MIRROR_TTA. images: uint8/float array N x H x W x 3."""
+    prob = np.asarray(run(images), dtype="float64").reshape(-1)
+    if MIRROR_TTA:
+        prob = (prob + np.asarray(run(np.ascontiguousarray(images[:, :, ::-1])), dtype="float64").reshape(-1)) / 2
+    return prob
+
+
+def cpu_has_bf16():
+    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX); elsewhere it is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_model():
+    """The CPU's model name, for metrics.json: timings are only comparable on one machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -1,10 +1,10 @@
-"""predict.py's speed: one image vs `import tensorflow`, and images/s on a folder.
+"""predict.py's speed on both runtimes: one image vs `import tensorflow`, and images/s on a folder.
 
     python benchmarks/predict_speed.py data/processed/test --count 2000 --rounds 5
 
-Alternates, --rounds times: `python -c "import tensorflow"`, `predict.py` on one image,
-and `predict.py` on a folder of --count images. Throughput after start-up is
-(count - 1) / (folder time - one-image time) within each round.
+Alternates, --rounds times: `python -c "import tensorflow"`, then for the LiteRT (.tflite)
+and the Keras (.keras) model: `predict.py` on one image and on a folder of --count images.
+Throughput after start-up is (count - 1) / (folder time - one-image time) within each round.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import list_images  # noqa: E402
+from utils import LITERT_FILE, MODEL_DIR, MODEL_FILE, list_images  # noqa: E402
 
 
 def seconds(*command):
@@ -32,32 +32,32 @@ def main():
     p.add_argument("folder", type=Path, help="folder of images to predict")
     p.add_argument("--count", type=int, default=2000, help="images in the folder run (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="repetitions (default: %(default)s)")
+    p.add_argument("--litert", type=Path, default=MODEL_DIR / LITERT_FILE, help="(default: %(default)s)")
+    p.add_argument("--keras", type=Path, default=MODEL_DIR / MODEL_FILE, help="(default: %(default)s)")
     args = p.parse_args()
     files = list_images(args.folder)[: args.count]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, f in enumerate(files):
             shutil.copy(f, Path(tmp) / f"{i:05d}{f.suffix}")
-        rows = []
         for r in range(args.rounds):
-            tf = seconds("-c", "import tensorflow")
-            one = seconds("predict.py", str(files[0]))
-            many = seconds("predict.py", tmp)
-            rows.append((tf, one, many, (len(files) - 1) / (many - one), one / tf))
-            print(
-                f"round {r + 1}: import tensorflow {tf:.2f} s, one image {one:.2f} s ({one / tf:.2f}x), "
-                f"{len(files)} images {many:.2f} s",
-                flush=True,
-            )
-    names = (
-        "import tensorflow s",
-        "one image s",
-        f"{len(files)} images s",
-        "images/s after start",
-        "one image / import tf",
-    )
-    for i, name in enumerate(names):
-        v = [row[i] for row in rows]
-        print(f"{name:>22}: min {min(v):.2f} / median {statistics.median(v):.2f} / max {max(v):.2f}")
+            row = {"import tensorflow s": seconds("-c", "import tensorflow")}
+            for name, model in (("litert", args.litert.resolve()), ("keras", args.keras.resolve())):
+                one = seconds("predict.py", str(files[0]), "--model", str(model))
+                many = seconds("predict.py", tmp, "--model", str(model))
+                row[f"{name} one image s"] = one
+                row[f"{name} {len(files)} images s"] = many
+                row[f"{name} images/s after start"] = (len(files) - 1) / (many - one)
+            tf = row["import tensorflow s"]
+            row["litert one image / import tf"] = row["litert one image s"] / tf
+            row["keras one image / import tf"] = row["keras one image s"] / tf
+            row["litert / keras images/s"] = row["litert images/s after start"] / row["keras images/s after start"]
+            rows.append(row)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    width = max(map(len, rows[0]))
+    for name in rows[0]:
+        v = [row[name] for row in rows]
+        print(f"{name:>{width}}: min {min(v):.3f} / median {statistics.median(v):.3f} / max {max(v):.3f}")
 
 
 if __name__ == "__main__":

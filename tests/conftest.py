@@ -16,9 +16,9 @@ SHARED_ZIP = ROOT.parent / "shared" / "data" / "PetImages-180px.zip"
 sys.path.insert(0, str(ROOT))
 
 
-def run(script, *args, cwd=ROOT, timeout=300, **kw):
-    """Run one of the project's scripts the way a user does; return the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run(script, *args, cwd=ROOT, timeout=300, env=None, **kw):
+    """Run one of the project's scripts the way a user does (env: variables to add); return the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=cwd,

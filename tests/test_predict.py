@@ -9,16 +9,22 @@ from conftest import encode, photo, run, write_files
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """An untrained model of the real architecture at 32 px, plus a model of the wrong shape."""
+    """An untrained model of the real architecture at 32 px (.keras and .tflite), models of the
+    wrong shape, and files that are no models at all."""
     import keras
 
+    from train import export_litert
     from utils import build_model
 
     folder = tmp_path_factory.mktemp("models")
-    build_model(32).save(folder / "tiny.keras")
+    tiny = build_model(32)
+    tiny.save(folder / "tiny.keras")
+    export_litert(tiny, folder / "tiny.tflite")
     wrong = keras.Sequential([keras.Input((10,)), keras.layers.Dense(3)])
     wrong.save(folder / "wrong.keras")
+    export_litert(wrong, folder / "wrong.tflite")
     (folder / "junk.keras").write_bytes(b"not a model at all")
+    (folder / "junk.tflite").write_bytes(b"not a model at all")
     return folder
 
 
@@ -65,26 +71,28 @@ def test_unreadable_images_give_exit_1_and_the_rest_are_predicted(model, images)
     assert len([e for e in errors if e.startswith("error:")]) == 3 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["keras", "tflite"])
 @pytest.mark.parametrize(
     "case, message",
     [
         ("no_model", "not found"),
-        ("junk_model", "is not a Keras model file"),
+        ("junk_model", "is not a {} model file"),
         ("wrong_model", "expected a cats-vs-dogs model"),
         ("no_path", "no such file or folder"),
         ("empty_folder", "no images"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(model, images, tmp_path, case, message):
+def test_usage_errors_exit_2_with_one_line(model, images, tmp_path, case, message, kind):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
-    target, model_file = images, model / "tiny.keras"
+    target, model_file = images, model / f"tiny.{kind}"
+    message = message.format({"keras": "Keras", "tflite": "LiteRT"}[kind])
     if case == "no_model":
-        model_file = tmp_path / "missing.keras"
+        model_file = tmp_path / f"missing.{kind}"
     elif case == "junk_model":
-        model_file = model / "junk.keras"
+        model_file = model / f"junk.{kind}"
     elif case == "wrong_model":
-        model_file = model / "wrong.keras"
+        model_file = model / f"wrong.{kind}"
     elif case == "no_path":
         target = tmp_path / "nope.jpg"
     elif case == "empty_folder":
@@ -96,17 +104,70 @@ def test_usage_errors_exit_2_with_one_line(model, images, tmp_path, case, messag
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_prediction_uses_the_training_preprocessing(model, images):
-    """predict.py's probability equals the model applied to utils.load_image's array."""
+@pytest.mark.parametrize("kind", ["keras", "tflite"])
+def test_prediction_uses_the_training_preprocessing(model, images, kind):
+    """predict.py's probability is the model applied to utils.load_image's array, averaged with
+    its mirror image (utils.MIRROR_TTA), by either runtime."""
     import keras
     import numpy as np
 
-    from utils import load_image
+    from utils import MIRROR_TTA, load_image
 
     m = keras.models.load_model(model / "tiny.keras")
-    expected = float(m(np.stack([load_image(images / "b.PNG", 32)]), training=False).numpy().ravel()[0])
-    result = run("predict.py", images / "b.PNG", "--model", model / "tiny.keras", "--json")
+    image = np.stack([load_image(images / "b.PNG", 32)])
+    mirror = image[:, :, ::-1]
+    plain, flipped = (float(m(x, training=False).numpy().ravel()[0]) for x in (image, mirror))
+    assert abs(plain - flipped) > 1e-4, "the test photo must look different mirrored"
+    expected = (plain + flipped) / 2 if MIRROR_TTA else plain
+    result = run("predict.py", images / "b.PNG", "--model", model / f"tiny.{kind}", "--json")
     assert lines(result)[0]["dog_probability"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_default_model_is_the_litert_file_and_never_imports_tensorflow(model, images, tmp_path):
+    """Without --model, predict.py takes models/cats_vs_dogs.tflite, and TensorFlow stays unloaded."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(model / "tiny.tflite", tmp_path / "models" / "cats_vs_dogs.tflite")
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import predict; "
+        f"rc = predict.main([{str(images)!r}, '--json']); "
+        "print('loaded:', sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)); sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "loaded: []"
+    assert len(result.stdout.splitlines()) == 4 and result.stderr == ""
+
+
+def fake_missing_litert(tmp_path):
+    """An environment in which `import ai_edge_litert` fails, as on a machine without it."""
+    fake = tmp_path / "fake" / "ai_edge_litert"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ai_edge_litert')\n")
+    return {"PYTHONPATH": str(fake.parent)}
+
+
+def test_without_litert_the_default_falls_back_to_keras_and_a_tflite_file_says_what_to_install(model, images, tmp_path):
+    import shutil
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(model / "tiny.tflite", tmp_path / "models" / "cats_vs_dogs.tflite")
+    shutil.copy(model / "tiny.keras", tmp_path / "models" / "cats_vs_dogs.keras")
+    env = fake_missing_litert(tmp_path)
+    fallback = run("predict.py", images, "--json", cwd=tmp_path, env=env)
+    assert fallback.returncode == 0, fallback.stderr
+    assert len(lines(fallback)) == 3
+    refused = run("predict.py", images, "--model", model / "tiny.tflite", cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {model / 'tiny.tflite'} needs the LiteRT runtime: `pip install ai-edge-litert`, "
+        "or pass --model models/cats_vs_dogs.keras"
+    ]
 
 
 def test_many_images_are_streamed_in_bounded_batches(tmp_path):
@@ -114,23 +175,19 @@ def test_many_images_are_streamed_in_bounded_batches(tmp_path):
     import numpy as np
 
     import predict
+    from utils import MIRROR_TTA
 
     write_files(tmp_path, {f"{i:03d}.png": encode(photo((16, 16), seed=i), "PNG") for i in range(150)})
 
-    class Model:
-        sizes = []
+    sizes = []
 
-        def __call__(self, batch, training):
-            self.sizes.append(len(batch))
-            return type("T", (), {"numpy": lambda s: np.full((len(batch), 1), 0.25)})()
+    def model(batch):
+        sizes.append(len(batch))
+        return np.full((len(batch), 1), 0.25)
 
-        def predict_on_batch(self, batch):
-            self.sizes.append(len(batch))
-            return np.full((len(batch), 1), 0.25)
-
-    model = Model()
     stream = predict.predict(sorted(tmp_path.glob("*.png")), model, 32)
     next(stream)
-    assert model.sizes == [predict.BATCH], "the first result waited for more than one batch"
+    passes = 2 if MIRROR_TTA else 1  # the photos, and their mirror images
+    assert sizes == [predict.BATCH] * passes, "the first result waited for more than one batch"
     # at most the batch being predicted and the next one being decoded are in memory
-    assert len(list(stream)) == 149 and model.sizes == [64, 64, 22]
+    assert len(list(stream)) == 149 and sizes == [n for n in (64, 64, 22) for _ in range(passes)]
