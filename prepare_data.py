@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import sys
 import time
 import zipfile
@@ -29,14 +30,19 @@ from utils import (
     CACHE_DIR,
     CLASS_NAMES,
     DATA_DIR,
+    MAX_FILE_BYTES,
     MICROSOFT_URL,
     SOURCE_CLASSES,
     SPLITS,
     BadImage,
+    DiskFull,
     Progress,
     UserError,
+    check_space,
+    exclusive,
     fail,
     import_keras,
+    is_disk_full,
     open_image,
     write_json,
 )
@@ -138,28 +144,69 @@ def read_source(source):
 _zips = {}
 
 
-def read_bytes(where):
+class TooLarge(Exception):
+    """A source file above MAX_FILE_BYTES: no photo is that big, a zip bomb is."""
+
+
+def open_source(where):
+    """A binary stream of one source file, refused up front when its stated size is over the limit."""
     if isinstance(where, Path):
-        return where.read_bytes()
+        if where.stat().st_size > MAX_FILE_BYTES:
+            raise TooLarge
+        return open(where, "rb")
     zip_path, member = where
     if zip_path not in _zips:  # one open handle per worker process
         _zips[zip_path] = zipfile.ZipFile(zip_path)
-    return _zips[zip_path].read(member)
+    if _zips[zip_path].getinfo(member).file_size > MAX_FILE_BYTES:  # the zip header's size
+        raise TooLarge
+    return _zips[zip_path].open(member)
+
+
+def read_chunks(where, size=1 << 20):
+    """The file's bytes in chunks; TooLarge as soon as more than MAX_FILE_BYTES were read
+    (a header can lie), so memory stays flat whatever the source holds."""
+    total = 0
+    with open_source(where) as f:
+        while chunk := f.read(size):
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise TooLarge
+            yield chunk
+
+
+def read_bytes(where):
+    return b"".join(read_chunks(where))
+
+
+TOO_LARGE = f"larger than {MAX_FILE_BYTES // 2**20} MB (no photo is; a zip bomb is)"
 
 
 # --- 2. duplicates -----------------------------------------------------------
 def hash_file(where):
-    return hashlib.sha256(read_bytes(where)).hexdigest()
+    """SHA-256 of the file, hashed while streaming; or None for a file to drop, with the reason."""
+    digest = hashlib.sha256()
+    try:
+        for chunk in read_chunks(where):
+            digest.update(chunk)
+    except TooLarge:
+        return None, TOO_LARGE
+    except (OSError, zipfile.BadZipFile, EOFError) as e:  # a damaged member (bad CRC, cut short)
+        return None, f"unreadable ({e})"
+    return digest.hexdigest(), None
 
 
 def find_duplicates(files, digests):
     """Return {path: reason} for every copy to drop: later copies, and pictures in both classes."""
     first, labels = {}, {}
     for (path, label, _), digest in zip(files, digests, strict=True):
+        if digest is None:
+            continue
         first.setdefault(digest, path)
         labels.setdefault(digest, set()).add(label)
     drop = {}
     for (path, _, _), digest in zip(files, digests, strict=True):
+        if digest is None:
+            continue
         if len(labels[digest]) > 1:
             drop[path] = "same picture in both classes"
         elif first[digest] != path:
@@ -175,6 +222,10 @@ def clean(task):
         img = open_image(read_bytes(where))
     except BadImage as e:
         return None, str(e)
+    except TooLarge:
+        return None, TOO_LARGE
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return None, f"unreadable ({e})"
     img.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=92)
@@ -194,6 +245,24 @@ def output_name(path, taken):
         name = f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}.jpg"
     taken.add(name)
     return name
+
+
+def estimated_output(files, args):
+    """A low estimate of the bytes the split will take, from the source's sizes: refuse at the start
+    when even that does not fit, rather than after decoding everything."""
+    sizes, zips = [], {}  # not the workers' _zips: a handle opened before the fork would be shared
+    for _, _, where in files:
+        if isinstance(where, Path):
+            sizes.append(where.stat().st_size)
+        else:
+            zip_path, member = where
+            zips.setdefault(zip_path, zipfile.ZipFile(zip_path))
+            sizes.append(zips[zip_path].getinfo(member).file_size)
+    sizes = [min(s, MAX_FILE_BYTES) for s in sizes]
+    # re-encoded at most --max-side pixels a side: a quality-92 JPEG takes about half a byte a pixel
+    per_file = min(statistics.median(sizes), args.max_side**2 // 2) if sizes else 0
+    n = len(files) if args.limit is None else min(len(files), 2 * args.limit)
+    return int(n * per_file / 2)  # half of it: refuse only what clearly will not fit
 
 
 def prepare(args):
@@ -224,14 +293,19 @@ def prepare(args):
         except json.JSONDecodeError:
             pass
 
+    check_space(args.out.parent, estimated_output(files, args))
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         progress = Progress(len(files), "hashing")
-        digests = []
-        for d in pool.map(hash_file, [w for _, _, w in files], chunksize=64):
-            digests.append(d)
+        digests, dropped = [], []
+        for (path, _, _), (digest, reason) in zip(
+            files, pool.map(hash_file, [w for _, _, w in files], chunksize=64), strict=True
+        ):
+            digests.append(digest)
+            if reason:
+                dropped.append({"path": path, "reason": reason})
             progress.update()
-        dropped = [{"path": p, "reason": r} for p, r in find_duplicates(files, digests).items()]
+        dropped += [{"path": p, "reason": r} for p, r in find_duplicates(files, digests).items()]
         skip = {d["path"] for d in dropped}
 
         # Candidates per class in seeded order; decode in that order until --limit are kept.
@@ -259,9 +333,27 @@ def prepare(args):
                         progress.update()
 
     # Write everything into a temporary sibling folder, then swap it into place.
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # each file takes whole blocks on disk: count 4 kB more per file
+    check_space(args.out.parent, sum(len(jpeg) + 4096 for items in kept.values() for _, jpeg in items))
+    try:
+        report = write_split(args, kept, dropped, config, tmp, started)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a split filling the disk
+        if is_disk_full(e):
+            raise DiskFull(args.out.parent, sum(len(j) for items in kept.values() for _, j in items)) from None
+        raise
+    old = args.out.with_name(f".{args.out.name}.old-{os.getpid()}")
+    if args.out.exists():
+        os.rename(args.out, old)
+    os.rename(tmp, args.out)
+    shutil.rmtree(old, ignore_errors=True)
+    print_table(report)
+    return report
+
+
+def write_split(args, kept, dropped, config, tmp, started):
+    """The split's files and report.json, in tmp."""
     splits = {s: {c: 0 for c in CLASS_NAMES} for s in SPLITS}
     for label, items in kept.items():
         cls = CLASS_NAMES[label]
@@ -282,12 +374,6 @@ def prepare(args):
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(tmp / "report.json", report)
-    old = args.out.with_name(f".{args.out.name}.old-{os.getpid()}")
-    if args.out.exists():
-        os.rename(args.out, old)
-    os.rename(tmp, args.out)
-    shutil.rmtree(old, ignore_errors=True)
-    print_table(report)
     return report
 
 
@@ -319,11 +405,17 @@ def recover(out):
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started as a background job
-    recover(args.out)
     try:
-        prepare(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(args.out.with_name(f".{args.out.name}.lock"), f"--out {args.out}"):
+            recover(args.out)
+            prepare(args)
     except UserError as e:
         fail(str(e))
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        fail(str(DiskFull(args.out.parent, 0)))
     except KeyboardInterrupt:
         fail(f"interrupted; {args.out} is unchanged", code=130)
 
