@@ -1,0 +1,84 @@
+"""Time to 90% validation accuracy: the default train.py against the notebook's 15 epochs, on one machine.
+
+    python benchmarks/time_to_90.py --data data/processed
+
+1. Runs one epoch of the notebook's pipeline (baseline.py: 150 px, its augmentation and CNN,
+   batch 100) on the full split and takes 15 times its wall time: the baseline's 15 epochs.
+2. Runs `python train.py` with its defaults into --out and stops it (Ctrl-C) at the first epoch
+   whose validation accuracy reaches --target; the time counts from the process's start, data
+   loading included.
+Prints both, and the ratio that the goal bounds (at most 1/8 = 0.125). Nothing else should
+run on the machine meanwhile.
+"""
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from utils import DATA_DIR, cpu_model  # noqa: E402
+
+
+def baseline_epoch(data, out):
+    """Wall seconds of one baseline epoch (training and validation), from its own history."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "baseline.py"), "--data", str(data), "--epochs", "1"]
+    subprocess.run([*command, "--out", str(out)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads((out / "history.json").read_text())["elapsed_seconds"][0]
+
+
+def default_to(target, data, out, limit):
+    """Seconds from the start of `python train.py` to the end of the first epoch at >= target, and that epoch."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    epoch = 0
+    for line in proc.stdout:
+        print("   ", line.rstrip(), flush=True)
+        if m := re.match(r"Epoch (\d+)/", line):
+            epoch = int(m.group(1))
+        val = re.search(r"- val_accuracy: ([0-9.]+)", line)
+        if val and float(val.group(1)) >= target:
+            seconds = time.perf_counter() - start
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            return seconds, epoch
+        if time.perf_counter() - start > limit:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+    return None, epoch
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA_DIR, help="the full split (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "time_to_90", help="scratch folder")
+    p.add_argument("--target", type=float, default=0.90, help="validation accuracy to reach (default: %(default)s)")
+    args = p.parse_args()
+    print(f"CPU: {cpu_model()}", flush=True)
+    epoch = baseline_epoch(args.data, args.out / "baseline")
+    budget = 15 * epoch / 8
+    print(f"baseline: one epoch {epoch} s; 15 epochs {15 * epoch} s; an eighth of that {budget:.0f} s", flush=True)
+    seconds, n = default_to(args.target, args.data, args.out / "default", limit=15 * epoch)
+    if seconds is None:
+        print(f"default: no {args.target:.0%} within the baseline's 15 epochs ({15 * epoch} s)")
+        return
+    print(
+        f"default: {args.target:.0%} validation accuracy at epoch {n}, {seconds:.0f} s after start; "
+        f"ratio to the baseline's 15 epochs {seconds / (15 * epoch):.3f} (goal <= 0.125)"
+    )
+
+
+if __name__ == "__main__":
+    main()
