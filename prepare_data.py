@@ -256,7 +256,8 @@ def estimated_output(files, args):
             sizes.append(where.stat().st_size)
         else:
             zip_path, member = where
-            zips.setdefault(zip_path, zipfile.ZipFile(zip_path))
+            if zip_path not in zips:
+                zips[zip_path] = zipfile.ZipFile(zip_path)
             sizes.append(zips[zip_path].getinfo(member).file_size)
     sizes = [min(s, MAX_FILE_BYTES) for s in sizes]
     # re-encoded at most --max-side pixels a side: a quality-92 JPEG takes about half a byte a pixel

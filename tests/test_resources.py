@@ -271,3 +271,16 @@ def small_split(real_photos, tmp_path_factory):
     result = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "30")
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_the_space_estimate_opens_the_zip_once(shared_zip, monkeypatch):
+    """It reads 22,998 headers from one open archive (opening it per file took minutes)."""
+    import prepare_data
+
+    opened = []
+    real = zipfile.ZipFile
+    monkeypatch.setattr(prepare_data.zipfile, "ZipFile", lambda *a, **k: opened.append(a) or real(*a, **k))
+    files = prepare_data.read_source(shared_zip)
+    estimate = prepare_data.estimated_output(files, prepare_data.parse_args(["--source", str(shared_zip)]))
+    assert len(opened) == 2  # read_source's listing, and the estimate's
+    assert 20e6 < estimate < 200e6  # a low estimate: the 180 px split really takes 238 MB
