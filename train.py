@@ -188,18 +188,21 @@ def list_split(data, split):
     return paths, labels
 
 
-def check_memory(counts, size):
-    """Refuse, before loading, when the splits will not fit in the memory that is available."""
-    per_image = size * size * 3
-    # the training split twice (numpy, and TensorFlow's copy), the others once, plus TensorFlow itself
-    need = lambda s: (2 * counts[0] + sum(counts[1:])) * s * s * 3 + 1.5e9  # noqa: E731
+def check_memory(counts, size, batch_size):
+    """Refuse, before loading, when the splits and a training step will not fit in the memory available."""
+
+    def need(s):
+        images = (2 * counts[0] + sum(counts[1:])) * s * s * 3  # the training split twice (numpy, TensorFlow)
+        activations = batch_size * s * s * 1000  # what one step keeps for its backward pass, about 1 kB a pixel
+        return images + activations + 1.5e9  # and TensorFlow itself
+
     available = available_memory()
     if available is not None and need(size) > available:
-        smaller = next((s for s in (96, 64, 48, 32) if s < size and need(s) <= available), None)
+        smaller = next((s for s in (192, 160, 128, 96, 64, 48, 32) if s < size and need(s) <= available), None)
         hint = f"lower --image-size ({smaller} px needs {megabytes(need(smaller))})" if smaller else "free memory"
         raise UserError(
-            f"training on {sum(counts):,} images at {size} px needs about {megabytes(need(size))} of memory "
-            f"({per_image:,} bytes an image) and {megabytes(available)} is available; {hint}"
+            f"training on {sum(counts):,} images at {size} px, {batch_size} a step, needs about "
+            f"{megabytes(need(size))} of memory and {megabytes(available)} is available; {hint}"
         )
 
 
@@ -389,7 +392,9 @@ def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
             if logs["val_accuracy"] > self.best:
                 self.best = logs["val_accuracy"]
                 with averaged_weights(model):
-                    atomic_write(work / f"best-{epoch + 1:03d}.weights.h5", model.save_weights, need=weights_bytes)
+                    atomic_write(
+                        work / f"best-{epoch + 1:03d}.weights.h5", model.save_weights, need=weights_bytes, staged=True
+                    )
                 keep = {f"best-{epoch + 1:03d}.weights.h5", best_file(work).name}
                 for old in work.glob("best-*.weights.h5"):
                     if old.name not in keep:
@@ -435,7 +440,9 @@ def backup_class(need):
         saves leaves the previous backup rather than half a file (which Keras cannot load)."""
 
         def _save_model(self):
-            atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True), need=need)
+            atomic_write(
+                self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True), need=need, staged=True
+            )
             # metadata after weights: it never claims an epoch the weights do not have
             write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
@@ -502,7 +509,7 @@ def train(args, out, work, config):
 
     # 1. data
     splits = [list_split(args.data, split) for split in ("train", "val", "test")]
-    check_memory([len(paths) for paths, _ in splits], args.image_size)
+    check_memory([len(paths) for paths, _ in splits], args.image_size, args.batch_size)
     x_train, y_train, _ = load_split(*splits[0], args.image_size)
     x_val, y_val, _ = load_split(*splits[1], args.image_size)
     x_test, y_test, test_paths = load_split(*splits[2], args.image_size)
@@ -569,7 +576,7 @@ def train(args, out, work, config):
         for p, t, q in zip(test_paths, y_test, prob, strict=True)
     ]
     atomic_write(out / MODEL_FILE, final.save, need=4 * final.count_params())
-    atomic_write(out / LITERT_FILE, lambda tmp: export_litert(final, tmp), need=4 * final.count_params())
+    atomic_write(out / LITERT_FILE, lambda tmp: export_litert(final, tmp), need=4 * final.count_params(), staged=True)
     write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
     write_json(out / "metrics.json", history["metrics"])

@@ -142,11 +142,13 @@ def is_disk_full(error):
     return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
 
 
-def atomic_write(path, write, need=0):
+def atomic_write(path, write, need=0, staged=False):
     """Call write(tmp_path) and rename the result onto path, so path is never half-written.
 
     need: bytes the file will take (0 if small or unknown), checked before writing. A disk that
     fills up while writing raises DiskFull, and the temporary file is removed.
+    staged: write into memory (/dev/shm) first and copy from there: for writers that crash the
+    interpreter when the disk fills under them (h5py), so only a plain copy meets the full disk.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +160,13 @@ def atomic_write(path, write, need=0):
     umask = os.umask(0)
     os.umask(umask)
     try:
-        write(tmp)
+        if staged:
+            ram = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            with tempfile.TemporaryDirectory(dir=ram) as stage:
+                write(os.path.join(stage, path.name))
+                shutil.copyfile(os.path.join(stage, path.name), tmp)
+        else:
+            write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except Exception as e:
