@@ -50,6 +50,19 @@ def real_photos(shared_zip, tmp_path_factory):
     return root
 
 
+# The tiniest real training run: one epoch of 16-image batches at 64 px.
+TINY = ["--epochs", "1", "--batch-size", "16", "--image-size", "64"]
+
+
+@pytest.fixture(scope="session")
+def small_split(real_photos, tmp_path_factory):
+    """A split of 30 real photos per class (24/3/3), made by prepare_data.py."""
+    out = tmp_path_factory.mktemp("split") / "processed"
+    result = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "30")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def photo(size=(120, 90), seed=0):
     """A small picture with some structure (a gradient plus noise) as an RGB PIL image."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, TINY, run
 from utils import LITERT_FILE, MAX_FILE_BYTES, MODEL_FILE
 
 
@@ -260,17 +260,6 @@ def test_train_refuses_before_loading_when_memory_is_too_small(small_split, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at 1024 px, 64 a step, needs about" in err[0] and "1.60 GB is available" in err[0]
     assert "lower --image-size (" in err[0]
-
-
-TINY = ["--epochs", "1", "--batch-size", "16", "--image-size", "64"]
-
-
-@pytest.fixture(scope="module")
-def small_split(real_photos, tmp_path_factory):
-    out = tmp_path_factory.mktemp("split") / "processed"
-    result = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "30")
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def test_the_space_estimate_opens_the_zip_once(shared_zip, monkeypatch):

@@ -9,18 +9,13 @@ import time
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, TINY, run
 from utils import LITERT_FILE, MODEL_FILE
-
-TINY = ["--epochs", "1", "--batch-size", "16", "--image-size", "64"]
 
 
 @pytest.fixture(scope="module")
-def data(real_photos, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "processed"
-    result = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "30")
-    assert result.returncode == 0, result.stderr
-    return out
+def data(small_split):
+    return small_split
 
 
 @pytest.fixture(scope="module")
