@@ -185,7 +185,8 @@ def exclusive(lock_file, what):
     """Hold lock_file for the duration of the block, or refuse when another process holds it.
 
     The kernel releases the lock when its process ends, however it ends, so a killed run never
-    blocks the next one. The file is removed at the end; a process that opened it just before
+    blocks the next one (nor do its worker processes, which do not inherit the lock). The file is
+    removed at the end; a process that opened it just before
     sees that its file is no longer the one at lock_file and tries again.
     """
     import fcntl
@@ -195,8 +196,12 @@ def exclusive(lock_file, what):
     while True:
         f = open(lock_file, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a POSIX record lock: unlike flock, worker processes forked later do not share it, so a
+            # killed run's orphaned workers cannot keep it
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()

@@ -158,6 +158,8 @@ def test_kill_9_at_any_point_leaves_the_old_split_or_the_new_one(many, tmp_path)
             new = new or now
             assert now == new, f"killed after {delay} s: a split that is neither the old nor the new one"
             assert sum(1 for name in now if name.endswith(".jpg")) == 40
+    # the next run takes over a killed run's lock file, and removes it when it ends
+    assert run("prepare_data.py", "--source", many, "--out", out, "--limit", "20").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "leftovers of killed runs remain"
 
 
