@@ -10,11 +10,12 @@
 3. model:    the CNN of utils.build_model, RMSprop warmed up then decayed along a cosine, label
              smoothing, an exponential moving average of the weights, bfloat16 where the CPU has it.
 4. fit:      each epoch is validated with the averaged weights; the best epoch is kept.
-5. evaluate: the best weights on the test split, each photo averaged with its mirror (utils.dog_probabilities).
+5. evaluate: the best weights on the test split, each photo averaged with its mirror (as utils.dog_probabilities).
 6. save:     the model in float32 at the final size (.keras and its LiteRT copy .tflite), history, metrics.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -43,7 +44,6 @@ from utils import (
     check_space,
     cpu_has_bf16,
     cpu_model,
-    dog_probabilities,
     exclusive,
     fail,
     import_keras,
@@ -51,6 +51,7 @@ from utils import (
     list_images,
     load_image,
     megabytes,
+    plain_and_mirrored,
     write_json,
 )
 
@@ -325,26 +326,34 @@ def read_log(path):
     return [rows[e] for e in sorted(rows)]
 
 
+@contextlib.contextmanager
 def averaged_weights(model):
     """A context in which the model holds the moving average of its weights (if the optimizer keeps one)."""
-    import contextlib
+    if not model.optimizer.use_ema:
+        yield
+        return
+    swap = import_keras().callbacks.SwapEMAWeights()
+    swap.set_model(model)
+    swap.on_test_begin()  # puts the averages into the model
+    try:
+        yield
+    finally:
+        swap.on_test_end()  # and the trained weights back
 
-    keras = import_keras()
 
-    @contextlib.contextmanager
-    def swapped():
-        if not model.optimizer.use_ema:
-            yield
-            return
-        swap = keras.callbacks.SwapEMAWeights()
-        swap.set_model(model)
-        swap.on_test_begin()  # puts the averages into the model
-        try:
-            yield
-        finally:
-            swap.on_test_end()  # and the trained weights back
+def accuracy(prob, labels):
+    return float(np.mean((prob > 0.5) == (labels > 0.5)))
 
-    return swapped()
+
+def log_loss(prob, labels, eps=1e-7):
+    return float(-np.mean(labels * np.log(prob + eps) + (1 - labels) * np.log(1 - prob + eps)))
+
+
+def batched(model):
+    """run(images) -> the model's outputs, 256 images a call (what utils.dog_probabilities calls)."""
+    return lambda images: np.concatenate(
+        [model(images[i : i + 256], training=False) for i in range(0, len(images), 256)]
+    )
 
 
 def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
@@ -363,18 +372,13 @@ def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
                 val_at[size] = resize(x_val, size).numpy() if size != x_val.shape[1] else x_val
             images = val_at[size]
             with averaged_weights(model):
-                plain = np.concatenate([model(images[i : i + 256], training=False) for i in range(0, len(images), 256)])
-                mirror = np.concatenate(
-                    [model(images[i : i + 256, :, ::-1], training=False) for i in range(0, len(images), 256)]
-                )
-            plain, both = plain.ravel().astype("float64"), (plain.ravel() + mirror.ravel()).astype("float64") / 2
-            chosen = both if MIRROR_TTA else plain  # as utils.dog_probabilities, without a second pass
-            eps = 1e-7
+                plain, both = plain_and_mirrored(batched(model), images)  # both kinds logged: one pass each
+            chosen = both if MIRROR_TTA else plain  # what utils.dog_probabilities gives
             logs.update(
-                val_accuracy=float(np.mean((chosen > 0.5) == (y_val > 0.5))),
-                val_loss=float(-np.mean(y_val * np.log(chosen + eps) + (1 - y_val) * np.log(1 - chosen + eps))),
-                val_accuracy_plain=float(np.mean((plain > 0.5) == (y_val > 0.5))),
-                val_accuracy_mirror=float(np.mean((both > 0.5) == (y_val > 0.5))),
+                val_accuracy=accuracy(chosen, y_val),
+                val_loss=log_loss(chosen, y_val),
+                val_accuracy_plain=accuracy(plain, y_val),
+                val_accuracy_mirror=accuracy(both, y_val),
                 image_size=size,
                 elapsed_seconds=round(offset + time.perf_counter() - PROCESS_START),
                 learning_rate=float(model.optimizer.learning_rate),  # where the schedule is after this epoch
@@ -565,9 +569,8 @@ def train(args, out, work, config):
     keras.mixed_precision.set_global_policy("float32")
     final = build_model(args.image_size)
     final.set_weights(model.get_weights())
-    run = lambda batch: final.predict(batch, batch_size=256, verbose=0)  # noqa: E731
-    prob = dog_probabilities(run, x_test)
-    plain = run(x_test).ravel()
+    plain, both = plain_and_mirrored(batched(final), x_test)
+    prob = both if MIRROR_TTA else plain  # what utils.dog_probabilities, and so predict.py, gives
     history = metrics_of(args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val))
 
     # 5. save, each file whole or not at all
@@ -592,7 +595,6 @@ def train(args, out, work, config):
 
 def export_litert(model, path):
     """The model as a LiteRT (.tflite) file with built-in ops only, for predict.py without TensorFlow."""
-    import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's signature
@@ -617,9 +619,9 @@ def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, v
     best_epoch = int(np.argmax(history["val_accuracy"]))
     reached = [r["elapsed_seconds"] for r in log if r["val_accuracy"] >= 0.9]
     metrics = {
-        "test_accuracy": round(float(np.mean((prob > 0.5) == (y_test > 0.5))), 4),
-        "test_accuracy_plain": round(float(np.mean((plain > 0.5) == (y_test > 0.5))), 4),
-        "test_loss": round(float(-np.mean(y_test * np.log(prob + 1e-7) + (1 - y_test) * np.log(1 - prob + 1e-7))), 4),
+        "test_accuracy": round(accuracy(prob, y_test), 4),
+        "test_accuracy_plain": round(accuracy(plain, y_test), 4),
+        "test_loss": round(log_loss(prob, y_test), 4),
         "test_images": len(y_test),
         "train_images": train_images,
         "val_images": val_images,

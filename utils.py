@@ -361,13 +361,19 @@ def build_model(image_size=IMAGE_SIZE, widths=(32, 64, 128, 256), stem=32, dropo
 MIRROR_TTA = True
 
 
+def plain_and_mirrored(run, images):
+    """(plain, averaged) dog probabilities: run(batch) on the images, and averaged with their mirror images."""
+    plain = np.asarray(run(images), dtype="float64").reshape(-1)
+    mirrored = np.asarray(run(np.ascontiguousarray(images[:, :, ::-1])), dtype="float64").reshape(-1)
+    return plain, (plain + mirrored) / 2
+
+
 def dog_probabilities(run, images):
     """The one prediction of evaluation and predict.py: run(batch) -> dog probabilities,
     averaged with the mirrored batch when MIRROR_TTA. images: uint8/float array N x H x W x 3."""
-    prob = np.asarray(run(images), dtype="float64").reshape(-1)
     if MIRROR_TTA:
-        prob = (prob + np.asarray(run(np.ascontiguousarray(images[:, :, ::-1])), dtype="float64").reshape(-1)) / 2
-    return prob
+        return plain_and_mirrored(run, images)[1]
+    return np.asarray(run(images), dtype="float64").reshape(-1)
 
 
 def cpu_has_bf16():
