@@ -176,3 +176,14 @@ def test_refusals_are_one_line(data, tmp_path):
         assert result.returncode == 2, (flags, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
         assert unfinished.exists(), "a refused run deleted the unfinished run"
+
+
+def test_imagedatagenerator_engine_trains_and_saves(data, tmp_path):
+    out = tmp_path / "idg"
+    result = run("train.py", "--data", data, "--out", out, *TINY, "--engine", "idg", "--progressive", "0")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["engine"] == "idg" and metrics["test_images"] == 6
+    assert (out / MODEL_FILE).stat().st_size > 0 and (out / LITERT_FILE).stat().st_size > 0
+    refused = run("train.py", "--data", data, "--out", out, *TINY, "--engine", "idg")
+    assert refused.returncode == 2 and "--progressive 0" in refused.stderr and "Traceback" not in refused.stderr

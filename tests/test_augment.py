@@ -1,0 +1,49 @@
+"""train.augment: one seeded random warp per image, mirrored or not, and nothing else when the
+other transforms are off."""
+
+import numpy as np
+import pytest
+
+import train
+
+
+@pytest.fixture(scope="module")
+def photos(small_split):
+    from utils import list_images, load_image
+
+    files = list_images(small_split / "train" / "cats") + list_images(small_split / "train" / "dogs")
+    return np.stack([load_image(f, 64) for f in files]).astype("float32")  # 48 real photos
+
+
+def warp(images, seed, **settings):
+    import tensorflow as tf
+
+    saved = dict(train.AUGMENTATION)
+    train.AUGMENTATION.update(settings)
+    try:
+        return train.augment(tf.constant(images), tf.constant(seed, "int64")).numpy()
+    finally:
+        train.AUGMENTATION.update(saved)
+
+
+def test_with_only_the_mirror_each_image_is_itself_or_its_mirror_and_both_happen(photos):
+    out = warp(photos, [1, 2], rotation=0.0, zoom=0.0, translation=0.0)
+    same = [np.array_equal(o, p) for o, p in zip(out, photos, strict=True)]
+    mirrored = [np.array_equal(o, p[:, ::-1]) for o, p in zip(out, photos, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 10 < sum(mirrored) < 38, f"{sum(mirrored)} of 48 mirrored: the coin is not fair"
+    still = warp(photos, [1, 2], rotation=0.0, zoom=0.0, translation=0.0, horizontal_flip=False)
+    assert np.array_equal(still, photos)
+
+
+def test_draws_follow_the_seed_so_a_resumed_run_sees_the_same_batches(photos):
+    a, b, c = warp(photos, [42, 7]), warp(photos, [42, 7]), warp(photos, [42, 8])
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # a warp moves pixels but keeps the picture: in range, mostly changed, still like the original
+    assert a.shape == photos.shape and a.min() >= 0 and a.max() <= 255
+    changed = np.mean(np.abs(a - photos), axis=(1, 2, 3)) > 1
+    assert changed.mean() > 0.9
+    corr = [np.corrcoef(x.ravel(), p.ravel())[0, 1] for x, p in zip(a, photos, strict=True)]
+    mirror_corr = [np.corrcoef(x.ravel(), p[:, ::-1].ravel())[0, 1] for x, p in zip(a, photos, strict=True)]
+    assert np.median(np.maximum(corr, mirror_corr)) > 0.5
