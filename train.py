@@ -4,7 +4,7 @@
     python train.py --epochs 2 --resume # continue an interrupted run in the same --out
 
 1. data:     load each split once into memory at --image-size (the same load_image that predict.py uses).
-2. batches:  shuffle and augment training batches (Keras preprocessing layers in tf.data, or
+2. batches:  shuffle and augment training batches (one random warp per image in tf.data, or
              ImageDataGenerator in worker processes); progressive resizing trains the early epochs
              on smaller images, which are cheaper, and the last ones at full size.
 3. model:    the CNN of utils.build_model, RMSprop warmed up then decayed along a cosine, label
@@ -100,9 +100,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--progressive",
         type=float,
-        default=2 / 3,
-        help="share of the epochs trained on smaller images (from half of --image-size up, in 32 px steps); "
-        "0 trains every epoch at --image-size (default: %(default).2f)",
+        default=0.7,
+        help="share of the epochs trained on smaller images, in equal parts from about half of --image-size "
+        "up in 32 px steps (64, 96 and 128 px for 160); 0 trains every epoch at --image-size (default: %(default)s)",
     )
     p.add_argument(
         "--learning-rate",
@@ -132,7 +132,7 @@ def parse_args(argv=None):
         "--engine",
         choices=("layers", "idg"),
         default="layers",
-        help="augmentation: Keras preprocessing layers in tf.data, or ImageDataGenerator in --workers "
+        help="augmentation: one random warp per image in tf.data (train.augment), or ImageDataGenerator in --workers "
         "processes (trains at --image-size only) (default: %(default)s)",
     )
     p.add_argument(

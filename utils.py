@@ -23,7 +23,7 @@ CLASS_NAMES = ("cats", "dogs")  # folder names of a split; label index = positio
 LABELS = ("cat", "dog")  # what predict.py prints for label 0 and 1
 SOURCE_CLASSES = {"cat": 0, "dog": 1}  # folder names in the Microsoft archive
 SPLITS = ("train", "val", "test")
-IMAGE_SIZE = 128  # pixels per side of the finished model (train.py --image-size)
+IMAGE_SIZE = 160  # pixels per side of the finished model (train.py --image-size)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 DATA_DIR = Path("data/processed")
