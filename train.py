@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import shutil
 import signal
@@ -241,7 +240,7 @@ def augment(images, seed):
     def uniform(k, limit):
         return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
 
-    angle, zoom = uniform(0, a["rotation"] * 2 * math.pi), 1 + uniform(1, a["zoom"])
+    angle, zoom = uniform(0, a["rotation"] * 2 * np.pi), 1 + uniform(1, a["zoom"])
     shift_x, shift_y = uniform(2, a["translation"]) * side, uniform(3, a["translation"]) * side
     mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] else tf.ones([n])
     # Output pixel p reads the input at M (p - c) + c + shift, with M = zoom * rotation * mirror.
@@ -254,7 +253,7 @@ def augment(images, seed):
     return ops.image.affine_transform(images, transform, fill_mode=a["fill_mode"])
 
 
-def layer_batches(x, y, batch_size, seed, sizes, first_epoch):
+def warped_batches(x, y, batch_size, seed, sizes, first_epoch):
     """tf.data batches for epochs first_epoch.. (one epoch after the other, each at its size),
     augmented on the fly by `augment`."""
     import tensorflow as tf
@@ -264,11 +263,11 @@ def layer_batches(x, y, batch_size, seed, sizes, first_epoch):
     order = [np.random.default_rng([seed, e]).permutation(len(y))[: steps * batch_size] for e in range(len(sizes))]
     index = np.concatenate(order[first_epoch:]).reshape(-1, batch_size)
     side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
-    number = np.arange(first_epoch * steps, len(sizes) * steps, dtype="int64")  # each batch's own seed
+    number = np.arange(first_epoch * steps, len(sizes) * steps)
+    seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
     x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)  # one copy in TensorFlow's memory
-    epochs = tf.data.Dataset.from_tensor_slices((index, side, number)).map(
-        lambda i, s, k: (augment(resize(tf.gather(x, i), s), tf.stack([tf.cast(seed, "int64"), k])), tf.gather(y, i)),
-        num_parallel_calls=2,
+    epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(
+        lambda i, s, k: (augment(resize(tf.gather(x, i), s), k), tf.gather(y, i)), num_parallel_calls=2
     )
     return epochs.prefetch(2)
 
@@ -567,7 +566,7 @@ def train(args, out, work, config):
     first = finished_epochs(work)
     forget_unbacked_epochs(work / "log.csv", first)
     if args.engine == "layers":
-        batches = layer_batches(x_train, y_train, args.batch_size, args.seed, sizes, min(first, args.epochs - 1))
+        batches = warped_batches(x_train, y_train, args.batch_size, args.seed, sizes, min(first, args.epochs - 1))
     else:
         batches = idg_batches(x_train, y_train, args.batch_size, args.seed, args.workers)
     print(f"precision {precision}; image size by epoch {sizes}", flush=True)

@@ -1,6 +1,8 @@
 """train.augment: one seeded random warp per image, mirrored or not, and nothing else when the
 other transforms are off."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -9,21 +11,15 @@ import train
 
 @pytest.fixture(scope="module")
 def photos(small_split):
-    from utils import list_images, load_image
-
-    files = list_images(small_split / "train" / "cats") + list_images(small_split / "train" / "dogs")
-    return np.stack([load_image(f, 64) for f in files]).astype("float32")  # 48 real photos
+    images, _, _ = train.load_split(*train.list_split(small_split, "train"), 64)
+    return images.astype("float32")  # 48 real photos
 
 
 def warp(images, seed, **settings):
     import tensorflow as tf
 
-    saved = dict(train.AUGMENTATION)
-    train.AUGMENTATION.update(settings)
-    try:
+    with mock.patch.dict(train.AUGMENTATION, settings):
         return train.augment(tf.constant(images), tf.constant(seed, "int64")).numpy()
-    finally:
-        train.AUGMENTATION.update(saved)
 
 
 def test_with_only_the_mirror_each_image_is_itself_or_its_mirror_and_both_happen(photos):
