@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils import LABELS, MODEL_DIR, UserError, fail, open_image, save_figure, save_image_grid  # noqa: E402
+from utils import MODEL_DIR, UserError, fail, open_image, save_figure, save_image_grid  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def plot_curves(history, out):
             raise UserError(f"the history has no '{key}' values; is it a history.json written by train.py?")
     epochs = np.arange(1, len(history["accuracy"]) + 1)
     best = int(np.argmax(history["val_accuracy"]))
-    for metric, title in (("accuracy", "Accuracy"), ("loss", "Loss (binary cross-entropy)")):
+    for metric, title in (("accuracy", "Accuracy"), ("loss", "Loss (cross-entropy)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
         ax.plot(epochs, history[f"val_{metric}"], "s-", label=f"validation {metric}")
@@ -69,48 +69,66 @@ def plot_curves(history, out):
         save_figure(fig, out / f"{metric}.png")
 
 
+def read_predictions(predictions):
+    """(class names, true labels, predicted labels, probability of the prediction) of test_predictions.json."""
+    try:
+        names = list(predictions[0]["probabilities"])
+        index = {name: i for i, name in enumerate(names)}
+        true = np.array([index[p["true"]] for p in predictions])
+        pred = np.array([index[p["predicted"]] for p in predictions])
+        prob = np.array([p["probabilities"][p["predicted"]] for p in predictions])
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise UserError("test_predictions.json is not a list of test predictions written by train.py") from None
+    return names, true, pred, prob
+
+
 def plot_confusion(predictions, out):
-    """Counts and row rates of true vs predicted labels on the test split."""
-    true = np.array([p["label"] for p in predictions])
-    pred = np.array([p["dog_probability"] > 0.5 for p in predictions]).astype(int)
-    matrix = np.array([[np.sum((true == t) & (pred == q)) for q in (0, 1)] for t in (0, 1)])
+    """Counts and row rates of true vs predicted classes on the test split: N x N, readable up to 20+ classes."""
+    names, true, pred, _ = read_predictions(predictions)
+    n = len(names)
+    matrix = np.zeros((n, n), dtype=int)
+    np.add.at(matrix, (true, pred), 1)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    side = max(4.5, 0.55 * n + 2.5)  # each cell stays about half an inch wide
+    fontsize = 13 if n <= 3 else 10 if n <= 8 else 7 if n <= 16 else 5.5
+    fig, ax = plt.subplots(figsize=(side + 0.5, side))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for t in (0, 1):
-        for q in (0, 1):
-            ax.text(
-                q,
-                t,
-                f"{matrix[t, q]}\n{rates[t, q]:.1%}",
-                ha="center",
-                va="center",
-                fontsize=13,
-                color="white" if rates[t, q] > 0.5 else "black",
-            )
+    for t in range(n):
+        for q in range(n):
+            if matrix[t, q] or t == q:
+                ax.text(
+                    q,
+                    t,
+                    f"{matrix[t, q]}\n{rates[t, q]:.0%}" if n > 3 else f"{matrix[t, q]}\n{rates[t, q]:.1%}",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if rates[t, q] > 0.5 else "black",
+                )
+    short = [name if len(name) <= 18 else name[:17] + "…" for name in names]
+    ax.set_xticks(range(n), short, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax.set_yticks(range(n), short)
     ax.set(
-        xticks=[0, 1],
-        yticks=[0, 1],
-        xticklabels=LABELS,
-        yticklabels=LABELS,
-        xlabel="predicted label",
-        ylabel="true label",
+        xlabel="predicted class",
+        ylabel="true class (row: count and share of the row)",
         title=f"Test split: {np.mean(true == pred):.1%} correct of {len(true)}",
     )
     save_figure(fig, out / "confusion.png")
 
 
 def plot_mistakes(predictions, out, n):
-    """The test images the model gets most confidently wrong."""
-    wrong = [p for p in predictions if (p["dog_probability"] > 0.5) != bool(p["label"])]
-    wrong.sort(key=lambda p: -abs(p["dog_probability"] - 0.5))
-    wrong = [p for p in wrong if Path(p["path"]).exists()][:n]
+    """The test images the model gets most confidently wrong, titled true -> predicted p."""
+    names, true, pred, prob = read_predictions(predictions)
+    wrong = [i for i in np.argsort(-prob, kind="stable") if true[i] != pred[i]]
+    wrong = [i for i in wrong if Path(predictions[i]["path"]).exists()][:n]
     if not wrong:
         print("no wrong predictions to draw (or their images are gone); skipped mistakes.png")
         return
-    images = [open_image(p["path"]) for p in wrong]
-    titles = [f"true {LABELS[p['label']]}\nP(dog) = {p['dog_probability']:.2f}" for p in wrong]
-    save_image_grid(images, titles, "Most confident mistakes on the test split", out / "mistakes.png")
+    images = [open_image(predictions[i]["path"]) for i in wrong]
+    titles = [f"{names[true[i]][:16]} → {names[pred[i]][:16]} {prob[i]:.2f}" for i in wrong]
+    save_image_grid(
+        images, titles, "Most confident mistakes on the test split (true → predicted p)", out / "mistakes.png"
+    )
 
 
 def main(argv=None):

@@ -1,12 +1,14 @@
-"""Label photos as cat or dog with the trained model.
+"""Label photos with a model from train.py: cat or dog with the shipped model, your classes with yours.
 
     python predict.py photo.jpg
     python predict.py examples/ more/photos --json
     python predict.py examples/ --show grid.png
+    python predict.py flowers/ --model models/flowers --top 3
 
 PATH may be an image or a folder (searched recursively for .jpg .jpeg .png .bmp
-.gif .webp, any case). Exit status: 0 all predicted, 1 some images could not be
-read, 2 usage error (no model, not a model, no such path, no images found).
+.gif .webp, any case). The class names come from inside the model file. Exit status:
+0 all predicted, 1 some images could not be read, 2 usage error (no model, not a
+model, no such path, no images found).
 """
 
 import argparse
@@ -20,19 +22,22 @@ import numpy as np
 
 from utils import (
     IMAGE_EXTENSIONS,
-    LABELS,
+    LABELS_FILE,
     LITERT_FILE,
     MODEL_DIR,
     MODEL_FILE,
     BadImage,
     UserError,
-    dog_probabilities,
+    class_names_layer,
+    class_probabilities,
     fail,
     import_keras,
     list_images,
     load_image,
+    names_of_keras_model,
     quiet_stderr,
     save_image_grid,
+    unpack_labels,
 )
 
 BATCH = 64  # images decoded and predicted at a time, so memory stays flat for any number of files
@@ -44,16 +49,27 @@ def parse_args(argv=None):
     p.add_argument(
         "--model",
         type=Path,
-        help=f"a .keras or .tflite model file from train.py (default: {MODEL_DIR / LITERT_FILE} when it is there "
-        f"and ai-edge-litert is installed, else {MODEL_DIR / MODEL_FILE})",
+        help=f"a .keras or .tflite model file from train.py, or the folder train.py wrote it to (default: "
+        f"{MODEL_DIR / LITERT_FILE} when it is there and ai-edge-litert is installed, else {MODEL_DIR / MODEL_FILE})",
     )
     p.add_argument(
         "--json",
         action="store_true",
-        help='one JSON object per line: {"path", "label", "dog_probability"} or {"path", "error"}',
+        help='one JSON object per line: {"path", "label", "probabilities": {class: p, ...}} (a two-class model '
+        'adds "<second class>_probability", dog_probability for cats and dogs), or {"path", "error"}',
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=1,
+        metavar="K",
+        help="print the K most probable classes of each image, best first (default: %(default)s)",
     )
     p.add_argument("--show", type=Path, metavar="OUT.png", help="also draw the images with their labels into OUT.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be at least 1")
+    return args
 
 
 def collect(paths):
@@ -73,34 +89,58 @@ def collect(paths):
     return files
 
 
+def litert_available():
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_model():
     """models/cats_vs_dogs.tflite when it is there and LiteRT imports (no TensorFlow start-up), else the .keras file."""
     litert = MODEL_DIR / LITERT_FILE
-    if litert.is_file():
-        try:
-            import ai_edge_litert.interpreter  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return litert
-    return MODEL_DIR / MODEL_FILE
+    return litert if litert.is_file() and litert_available() else MODEL_DIR / MODEL_FILE
+
+
+def model_in(folder):
+    """The model file in a folder train.py wrote: its .tflite when LiteRT imports, else its .keras."""
+    for suffix in (".tflite", ".keras") if litert_available() else (".keras",):
+        found = sorted(folder.glob(f"*{suffix}"))
+        if len(found) == 1:
+            return found[0]
+    raise UserError(f"{folder} holds no single .keras or .tflite model; pass --model FILE")
 
 
 def load_model(path):
-    """(run, image size): run(batch of uint8 images) -> dog probabilities, from a .keras or .tflite file."""
+    """(run, image size, class names): run(batch of uint8 images) -> the model's outputs, from a .keras or
+    .tflite file that carries its class names (or has labels.txt beside it)."""
+    if path.is_dir():
+        path = model_in(path)
     if not path.is_file():
         raise UserError(f"model {path} not found; train one with `python train.py` or pass --model FILE")
-    run, shape, out_shape = load_litert(path) if path.suffix.lower() == ".tflite" else load_keras(path)
-    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or not shape[1] or tuple(out_shape[1:]) != (1,):
+    run, shape, out_shape, names = load_litert(path) if path.suffix.lower() == ".tflite" else load_keras(path)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or not shape[1] or len(out_shape) != 2:
         raise UserError(
             f"{path} takes input {tuple(shape)} and gives {tuple(out_shape)}; "
-            "expected a cats-vs-dogs model from train.py (square RGB images in, one probability out)"
+            "expected a model from train.py (square RGB images in, class probabilities out)"
         )
-    return run, int(shape[1])
+    if names is None and (path.parent / LABELS_FILE).is_file():
+        names = (path.parent / LABELS_FILE).read_text(encoding="utf-8").splitlines()
+    if names is None:
+        raise UserError(f"{path} carries no class names and has no {LABELS_FILE} beside it; retrain it with train.py")
+    outputs = out_shape[1]
+    if len(names) != (2 if outputs == 1 else outputs) or len(set(names)) != len(names) or outputs < 1:
+        raise UserError(
+            f"{path} gives {outputs} output(s) but names {len(names)} classes ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}); its class names do not match its outputs"
+        )
+    return run, int(shape[1]), list(names)
 
 
 def load_keras(path):
     keras = import_keras()
+    class_names_layer()  # registers the layer that carries the names, so load_model finds it
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # a user's file can fail to load in many ways
@@ -108,7 +148,7 @@ def load_keras(path):
             f"{path} is not a Keras model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
         ) from None
     if isinstance(model.input_shape, list) or isinstance(model.output_shape, list):
-        return None, (), ()
+        return None, (), (), None
 
     def run(batch):
         """Full batches run through Keras's compiled predict step (about 2x faster here once traced);
@@ -117,7 +157,7 @@ def load_keras(path):
             return np.asarray(model.predict_on_batch(batch))
         return model(batch, training=False).numpy()
 
-    return run, tuple(model.input_shape), tuple(model.output_shape)
+    return run, tuple(model.input_shape), tuple(model.output_shape), names_of_keras_model(model)
 
 
 def load_litert(path):
@@ -125,8 +165,9 @@ def load_litert(path):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
+        keras_copy = path.with_suffix(".keras")
         raise UserError(
-            f"{path} needs the LiteRT runtime: `pip install ai-edge-litert`, or pass --model {MODEL_DIR / MODEL_FILE}"
+            f"{path} needs the LiteRT runtime: `pip install ai-edge-litert`, or pass --model {keras_copy}"
         ) from None
     try:
         with quiet_stderr():  # LiteRT prints its delegate notice, and its own error, to stderr
@@ -137,7 +178,7 @@ def load_litert(path):
             f"{path} is not a LiteRT model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
         ) from None
     if inp["dtype"] != np.float32:
-        return None, (), ()
+        return None, (), (), None
     batch_of = [None]
 
     def run(batch):
@@ -150,11 +191,11 @@ def load_litert(path):
         interpreter.invoke()
         return interpreter.get_tensor(out["index"]).copy()
 
-    return run, tuple(inp["shape"]), tuple(out["shape"])
+    return run, tuple(inp["shape"]), tuple(out["shape"]), unpack_labels(path)
 
 
 def predict(files, run, size):
-    """Yield (path, dog probability or None, error or None, image or None) for each file, in order."""
+    """Yield (path, class probabilities or None, error or None, image or None) for each file, in order."""
 
     def read(path):
         try:
@@ -172,15 +213,28 @@ def predict(files, run, size):
             # decode the next batch while the model works on this one (two batches in memory at most)
             pending = [pool.submit(read, path) for path in chunks[n + 1]] if n + 1 < len(chunks) else []
             good = [img for img, _ in loaded if img is not None]
-            probs = iter(dog_probabilities(run, np.stack(good))) if good else iter(())
+            probs = iter(class_probabilities(run, np.stack(good))) if good else iter(())
             for path, (img, error) in zip(chunk, loaded, strict=True):
-                yield path, (None if error else float(next(probs))), error, img
+                yield path, (None if error else next(probs)), error, img
+
+
+def rounded(probs, names):
+    """{name: probability} rounded to 4 places (two classes: the second's, and 1 minus it, so they sum to 1)."""
+    if len(names) == 2:
+        second = round(float(probs[1]), 4)
+        return {names[0]: round(1 - second, 4), names[1]: second}
+    return {name: round(float(p), 4) for name, p in zip(names, probs, strict=True)}
+
+
+def ranked(probs):
+    """(name, p) best first; the label follows the printed probabilities (a tie goes to the earlier class)."""
+    return sorted(probs.items(), key=lambda item: -item[1])
 
 
 def show(results, out):
     """Draw the predicted images (as the model saw them) in a grid with label and probability."""
     if results:
-        titles = [f"{LABELS[int(p > 0.5)]} {max(p, 1 - p):.0%}\n{Path(path).name[:24]}" for path, p, _, _ in results]
+        titles = [f"{label} {p:.0%}\n{Path(path).name[:24]}" for path, label, p, _ in results]
         save_image_grid([img for *_, img in results], titles, f"Predictions of {len(results)} images", out, cols=6)
 
 
@@ -188,24 +242,30 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         files = collect(args.paths)
-        run, size = load_model(args.model or default_model())
+        run, size, names = load_model(args.model or default_model())
     except UserError as e:
         fail(str(e))
     failed, kept = 0, []
-    for path, prob, error, img in predict(files, run, size):
+    for path, probs, error, img in predict(files, run, size):
         if error:
             failed += 1
             print(json.dumps({"path": str(path), "error": error}) if args.json else f"{path}\terror: {error}")
             print(f"error: {path}: {error}", file=sys.stderr)
             continue
-        prob = round(prob, 4)  # the label follows the printed probability, even at 0.50004
-        label = LABELS[int(prob > 0.5)]
+        probs = rounded(probs, names)
+        best = ranked(probs)[: args.top]
+        label, p = best[0]
         if args.json:
-            print(json.dumps({"path": str(path), "label": label, "dog_probability": prob}))
+            row = {"path": str(path), "label": label, "probabilities": probs}
+            if len(names) == 2:  # the two-class contract: dog_probability for cats and dogs
+                row[f"{names[1]}_probability"] = probs[names[1]]
+            if args.top > 1:
+                row["top"] = [{"label": n, "probability": q} for n, q in best]
+            print(json.dumps(row, ensure_ascii=False))
         else:
-            print(f"{path}\t{label}\t{max(prob, 1 - prob):.3f}")
+            print(f"{path}\t" + "\t".join(f"{n}\t{q:.3f}" for n, q in best))
         if args.show and len(kept) < 64:
-            kept.append((path, prob, error, img))
+            kept.append((path, label, p, img))
     if args.show:
         try:
             show(kept, args.show)

@@ -1,10 +1,12 @@
-"""Get, clean and split the Microsoft Cats and Dogs dataset.
+"""Get, clean and split the Microsoft Cats and Dogs dataset, or any folder of classes.
 
     python prepare_data.py --source ../shared/data/PetImages-180px.zip
+    python prepare_data.py --source ../shared/data/flowers-5-256px.zip --out data/flowers
 
-1. Read the source (the Microsoft zip, downloaded once into data/; a local zip; or a folder).
+1. Read the source (the Microsoft zip, downloaded once into data/; a local zip; or a folder):
+   each sub-folder is a class (images found recursively below it), its name the class name.
 2. Hash every file: byte-identical files are kept once, and a picture found
-   under both classes is dropped from both.
+   under two classes is dropped from both.
 3. Decode each file in parallel; whatever is not a whole image is dropped, the
    rest is written as an RGB JPEG (downscaled to --max-side).
 4. Split each class with a seeded shuffle into train/val/test and move the
@@ -28,11 +30,11 @@ from pathlib import Path, PurePosixPath
 
 from utils import (
     CACHE_DIR,
-    CLASS_NAMES,
     DATA_DIR,
+    IMAGE_EXTENSIONS,
     MAX_FILE_BYTES,
+    MICROSOFT_CLASSES,
     MICROSOFT_URL,
-    SOURCE_CLASSES,
     SPLITS,
     BadImage,
     DiskFull,
@@ -47,7 +49,7 @@ from utils import (
     write_json,
 )
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: classes listed in the report
 
 
 def parse_args(argv=None):
@@ -55,8 +57,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--source",
         default=MICROSOFT_URL,
-        help="the Microsoft zip, a folder with Cat/ and Dog/ (or PetImages/Cat, PetImages/Dog), "
-        "or a URL to download once into data/downloads (default: Microsoft's URL)",
+        help="a folder or zip with one sub-folder of images per class (two or more; the folder's name is the "
+        "class name), such as the Microsoft zip (PetImages/Cat, PetImages/Dog: classes cat and dog), "
+        "or a URL of such a zip, downloaded once into data/downloads (default: Microsoft's URL)",
     )
     p.add_argument(
         "--out", type=Path, default=DATA_DIR, help="where train/, val/, test/ and report.json go (default: %(default)s)"
@@ -107,38 +110,77 @@ def fetch(url):
         ) from None
 
 
-def class_of(parts):
-    """Label of a file from the folder it sits in (Cat or Dog, any case), else None."""
-    return SOURCE_CLASSES.get(parts[-2].lower()) if len(parts) >= 2 else None
+def layout(paths, source):
+    """Classes of a source from its file paths (relative, POSIX): [(name, folder in the split)] in label
+    order, and for each path its label, or None for a file outside the class folders.
+
+    One top folder wrapping everything (PetImages/, flowers/) is looked through. Each remaining
+    top-level folder is a class, its images found recursively below it; its name is the class name,
+    in sorted order. Cat/ and Dog/ (any case) alone are the Microsoft archive: classes cat and dog
+    in folders cats/ and dogs/."""
+    parts = [PurePosixPath(p).parts for p in paths]
+    while parts and len({p[0] for p in parts}) == 1 and all(len(p) > 2 or not is_image(p[-1]) for p in parts):
+        parts = [p[1:] if len(p) > 1 else p for p in parts]  # look through the one wrapping folder
+    loose = [p for p, q in zip(paths, parts, strict=True) if len(q) == 1 and is_image(q[0])]
+    if loose:
+        raise UserError(
+            f"{len(loose)} image(s) lie loose beside the class folders of {source} (such as {loose[0]}); "
+            "put every image in the sub-folder of its class"
+        )
+    folders = sorted({q[0] for q in parts if len(q) > 1})
+    if {f.lower() for f in folders} == set(MICROSOFT_CLASSES) and len(folders) == 2:
+        folders.sort(key=str.lower)
+        classes = [MICROSOFT_CLASSES[f.lower()][::-1] for f in folders]
+    else:
+        classes = [(f, f) for f in folders]
+    if len(classes) < 2:
+        found = f"only the class folder {folders[0]}/" if folders else "no class folders"
+        raise UserError(
+            f"{source} has {found}; it needs two or more sub-folders, one per class, "
+            "with the images of that class inside (or the Microsoft archive's PetImages/Cat and PetImages/Dog)"
+        )
+    index = {f: i for i, f in enumerate(folders)}
+    return classes, [index[q[0]] if len(q) > 1 else None for q in parts]
+
+
+def is_image(name):
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def skipped(parts):
+    """Files no user counts as data: macOS's resource forks and hidden files such as .DS_Store."""
+    return "__MACOSX" in parts or any(p.startswith(".") for p in parts)
 
 
 def read_source(source):
-    """Yield (relative path, label, reader) for every file under Cat/ and Dog/ of the source."""
+    """(classes, files): the classes [(name, folder)] in label order, and (relative path, label, reader)
+    for every file below a class folder of the source."""
     if "://" in str(source):
         source = fetch(str(source))
     source = Path(source)
     if not source.exists():
-        raise UserError(f"--source {source} does not exist; pass the Microsoft zip or a folder holding Cat/ and Dog/")
-    files = []
+        raise UserError(
+            f"--source {source} does not exist; pass the Microsoft zip, or a folder or zip with one sub-folder "
+            "of images per class"
+        )
+    found = []
     if source.is_dir():
-        root = source / "PetImages" if (source / "PetImages").is_dir() else source
-        for path in sorted(root.rglob("*")):
-            parts = path.relative_to(root).parts
-            if path.is_file() and len(parts) == 2 and class_of(parts) is not None:
-                files.append(("/".join(parts), class_of(parts), path))
+        for path in sorted(source.rglob("*")):
+            rel = path.relative_to(source).as_posix()
+            if path.is_file() and not skipped(PurePosixPath(rel).parts):
+                found.append((rel, path))
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             for info in sorted(zf.infolist(), key=lambda i: i.filename):
-                parts = PurePosixPath(info.filename).parts
-                if not info.is_dir() and class_of(parts) is not None and "__MACOSX" not in parts:
-                    files.append((info.filename, class_of(parts), (source, info.filename)))
+                if not info.is_dir() and not skipped(PurePosixPath(info.filename).parts):
+                    found.append((info.filename, (source, info.filename)))
     else:
         raise UserError(f"--source {source} is neither a zip file nor a folder")
-    if not files:
-        raise UserError(
-            f"no Cat/ or Dog/ files found in {source}; expected PetImages/Cat/*.jpg and PetImages/Dog/*.jpg"
-        )
-    return files
+    if not found:
+        raise UserError(f"no files found in {source}; expected one sub-folder of images per class")
+    classes, labels = layout([rel for rel, _ in found], source)
+    files = [(rel, label, where) for (rel, where), label in zip(found, labels, strict=True) if label is not None]
+    return classes, files
 
 
 _zips = {}
@@ -208,7 +250,7 @@ def find_duplicates(files, digests):
         if digest is None:
             continue
         if len(labels[digest]) > 1:
-            drop[path] = "same picture in both classes"
+            drop[path] = f"same picture in {len(labels[digest])} classes"
         elif first[digest] != path:
             drop[path] = f"duplicate of {first[digest]}"
     return drop
@@ -277,7 +319,7 @@ def prepare(args):
         "limit": args.limit,
         "max_side": args.max_side,
     }
-    files = read_source(args.source)
+    classes, files = read_source(args.source)
     config["source_files"] = len(files)
     if "://" not in source_desc:
         st = Path(source_desc).stat()
@@ -311,12 +353,12 @@ def prepare(args):
 
         # Candidates per class in seeded order; decode in that order until --limit are kept.
         rng = random.Random(args.seed)
-        kept = {0: [], 1: []}
-        for label in (0, 1):
+        kept = {label: [] for label in range(len(classes))}
+        for label, (_, folder) in enumerate(classes):
             todo = [(p, w) for p, lab, w in files if lab == label and p not in skip]
             rng.shuffle(todo)
             want = len(todo) if args.limit is None else min(args.limit, len(todo))
-            progress = Progress(want, f"decoding {CLASS_NAMES[label]}")
+            progress = Progress(want, f"decoding {folder}")
             step = max(64, 8 * args.workers)
             for start in range(0, len(todo), step):
                 if len(kept[label]) >= want:
@@ -333,12 +375,13 @@ def prepare(args):
                         kept[label].append((path, jpeg))
                         progress.update()
 
+    check_every_split_gets_one(classes, kept, args)
     # Write everything into a temporary sibling folder, then swap it into place.
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     # each file takes whole blocks on disk: count 4 kB more per file
     check_space(args.out.parent, sum(len(jpeg) + 4096 for items in kept.values() for _, jpeg in items))
     try:
-        report = write_split(args, kept, dropped, config, tmp, started)
+        report = write_split(args, classes, kept, dropped, config, tmp, started)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a split filling the disk
         if is_disk_full(e):
@@ -353,11 +396,25 @@ def prepare(args):
     return report
 
 
-def write_split(args, kept, dropped, config, tmp, started):
+def check_every_split_gets_one(classes, kept, args):
+    """Refuse a class too small to give each split (with a fraction above 0) at least one image."""
+    for label, (name, _) in enumerate(classes):
+        counts = split_counts(len(kept[label]), args.val_fraction, args.test_fraction)
+        fractions = {"train": 1, "val": args.val_fraction, "test": args.test_fraction}
+        empty = [s for s in SPLITS if fractions[s] > 0 and counts[s] == 0]
+        if empty:
+            n = len(kept[label])
+            raise UserError(
+                f"class {name!r} has {n} usable image(s), too few to put one in each of train, val and test "
+                f"(it gets none in {', '.join(empty)}); add images to it, or remove its folder"
+            )
+
+
+def write_split(args, classes, kept, dropped, config, tmp, started):
     """The split's files and report.json, in tmp."""
-    splits = {s: {c: 0 for c in CLASS_NAMES} for s in SPLITS}
+    splits = {s: {folder: 0 for _, folder in classes} for s in SPLITS}
     for label, items in kept.items():
-        cls = CLASS_NAMES[label]
+        cls = classes[label][1]
         counts = split_counts(len(items), args.val_fraction, args.test_fraction)
         taken, i = set(), 0
         for split in SPLITS:
@@ -369,6 +426,10 @@ def write_split(args, kept, dropped, config, tmp, started):
             splits[split][cls] = counts[split]
     report = {
         "config": config,
+        "classes": [
+            {"name": name, "folder": folder, "images": sum(splits[s][folder] for s in SPLITS)}
+            for name, folder in classes
+        ],
         "splits": splits,
         "kept": sum(len(v) for v in kept.values()),
         "dropped": sorted(dropped, key=lambda d: d["path"]),
@@ -386,9 +447,10 @@ def print_table(report):
     print(f"\nkept {report['kept']} images, dropped {len(report['dropped'])} in {report['seconds']} s")
     for reason, n in sorted(reasons.items()):
         print(f"  dropped {n:6d}  {reason}")
-    print(f"\n{'split':<6}" + "".join(f"{c:>8}" for c in CLASS_NAMES))
-    for split, counts in report["splits"].items():
-        print(f"{split:<6}" + "".join(f"{counts[c]:>8}" for c in CLASS_NAMES))
+    width = max(len("class"), *(len(c["folder"]) for c in report["classes"]))
+    print(f"\n{'class':<{width}}" + "".join(f"{s:>8}" for s in SPLITS))
+    for c in report["classes"]:
+        print(f"{c['folder']:<{width}}" + "".join(f"{report['splits'][s][c['folder']]:>8}" for s in SPLITS))
 
 
 def recover(out):

@@ -1,17 +1,22 @@
-"""Train the cats-vs-dogs CNN on the split that prepare_data.py wrote.
+"""Train the CNN on the split that prepare_data.py wrote: cats and dogs, or any classes.
 
     python train.py                     # data/processed -> models/
+    python train.py --data data/flowers --out models/flowers
     python train.py --epochs 2 --resume # continue an interrupted run in the same --out
 
-1. data:     load each split once into memory at --image-size (the same load_image that predict.py uses).
+0. recipe:   the settings that depend on the data (epochs, warm-up, weight averaging, augmentation
+             strength) are derived from the number of training images (`recipe`).
+1. data:     the classes from the split's report.json; each split loaded once into memory at
+             --image-size (the same load_image that predict.py uses).
 2. batches:  shuffle and augment training batches (one random warp per image in tf.data, or
              ImageDataGenerator in worker processes); progressive resizing trains the early epochs
              on smaller images, which are cheaper, and the last ones at full size.
 3. model:    the CNN of utils.build_model, RMSprop warmed up then decayed along a cosine, label
              smoothing, an exponential moving average of the weights, bfloat16 where the CPU has it.
 4. fit:      each epoch is validated with the averaged weights; the best epoch is kept.
-5. evaluate: the best weights on the test split, each photo averaged with its mirror (as utils.dog_probabilities).
-6. save:     the model in float32 at the final size (.keras and its LiteRT copy .tflite), history, metrics.
+5. evaluate: the best weights on the test split, each photo averaged with its mirror (as utils.class_probabilities).
+6. save:     the model in float32 at the final size (.keras and its LiteRT copy .tflite, both carrying the
+             class names; labels.txt beside them), history, metrics.
 """
 
 import argparse
@@ -29,13 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from utils import (
-    CLASS_NAMES,
     DATA_DIR,
     IMAGE_SIZE,
-    LITERT_FILE,
+    LABELS_FILE,
     MIRROR_TTA,
     MODEL_DIR,
-    MODEL_FILE,
     DiskFull,
     UserError,
     atomic_write,
@@ -51,7 +54,11 @@ from utils import (
     list_images,
     load_image,
     megabytes,
+    model_files,
+    names_of_keras_model,
+    pack_labels,
     plain_and_mirrored,
+    split_classes,
     write_json,
 )
 
@@ -66,6 +73,37 @@ AUGMENTATION = dict(
     zoom=0.15,
     fill_mode="nearest",
 )
+# The recipe was tuned on the cats-and-dogs split: 18,380 training images, 287 steps of 64 an epoch,
+# 30 epochs, a one-epoch warm-up, weight averaging over about 100 steps (0.99). `recipe` scales the settings
+# that depend on the data from there, so that split gets exactly those and a smaller one gets more epochs
+# (each sees fewer images), a warm-up of at least WARMUP_STEPS, an average over a third of its shorter
+# epoch, and stronger augmentation.
+REFERENCE_IMAGES = 18_380
+REFERENCE_EPOCHS = 30
+WARMUP_STEPS = 200
+EMA_EPOCHS = 0.35  # the averages' window, in epochs (1 / (1 - momentum) steps): weights and BatchNorm statistics
+MAX_SCALE = 3.0  # a split this many times smaller in square root gets at most 3x the epochs
+MAX_AUGMENT = 2.0  # and at most twice the warps
+
+
+def recipe(train_images, batch_size, epochs=None):
+    """Settings derived from the split's size: {epochs, warmup_steps, ema, bn_momentum, augment}.
+    epochs: the number given by hand, which the warm-up then depends on."""
+    steps = max(1, train_images // batch_size)
+    scale = min(MAX_SCALE, max(1.0, (REFERENCE_IMAGES / max(train_images, 1)) ** 0.5))
+    momentum = round(min(0.99, 1 - 1 / max(10.0, EMA_EPOCHS * steps)), 3)
+    epochs = epochs or round(REFERENCE_EPOCHS * scale)
+    return {
+        "epochs": epochs,
+        # one epoch, or WARMUP_STEPS where that is at most a tenth of the run
+        "warmup_steps": max(steps, min(WARMUP_STEPS, epochs * steps // 10)),
+        "ema": momentum,
+        "bn_momentum": momentum,
+        "augment": round(min(MAX_AUGMENT, scale), 2),
+    }
+
+
+RECIPE = ("epochs", "warmup_steps", "ema", "bn_momentum", "augment", "class_weights")  # printed, and in metrics.json
 # Flags that must be the same for --resume to continue a run.
 RESUMABLE = (
     "epochs",
@@ -79,6 +117,10 @@ RESUMABLE = (
     "label_smoothing",
     "ema",
     "precision",
+    "warmup_steps",
+    "bn_momentum",
+    "augment",
+    "class_weights",
 )
 
 
@@ -88,7 +130,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--out", type=Path, default=MODEL_DIR, help="where the model and its files go (default: %(default)s)"
     )
-    p.add_argument("--epochs", type=int, default=30, help="passes over the training split (default: %(default)s)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help=f"passes over the training split (default: {REFERENCE_EPOCHS} for {REFERENCE_IMAGES:,} training images "
+        f"or more, up to {MAX_SCALE:g}x that for smaller splits, by the square root of how much smaller)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per training step (default: %(default)s)")
     p.add_argument(
         "--image-size",
@@ -107,8 +154,13 @@ def parse_args(argv=None):
         "--learning-rate",
         type=float,
         default=2e-3,
-        help="RMSprop's peak rate, reached after a one-epoch warm-up, then decayed along a cosine to 0 "
-        "(default: %(default)s)",
+        help="RMSprop's peak rate, reached after the warm-up, then decayed along a cosine to 0 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="steps of the linear warm-up of the learning rate (default: one epoch, or "
+        f"{WARMUP_STEPS} where that is more and at most a tenth of the run)",
     )
     p.add_argument(
         "--label-smoothing", type=float, default=0.05, help="targets 0/1 become e/2 and 1-e/2 (default: %(default)s)"
@@ -116,8 +168,27 @@ def parse_args(argv=None):
     p.add_argument(
         "--ema",
         type=float,
-        default=0.99,
         help="momentum of the moving average of the weights that is validated and saved; 0 turns it off "
+        f"(default: an average over {EMA_EPOCHS:g} of an epoch: 0.99 for 287 steps an epoch)",
+    )
+    p.add_argument(
+        "--bn-momentum",
+        type=float,
+        help="momentum of BatchNormalization's moving statistics, which validation and the saved model use "
+        "(default: as --ema: 0.99 for 287 steps an epoch, lower for fewer, so a small split's statistics keep up)",
+    )
+    p.add_argument(
+        "--augment",
+        type=float,
+        help="strength of the random warps: rotation, shift and zoom of AUGMENTATION times this (default: 1 for "
+        f"{REFERENCE_IMAGES:,} training images or more, up to {MAX_AUGMENT:g} for smaller splits)",
+    )
+    p.add_argument(
+        "--class-weights",
+        choices=("balanced", "none"),
+        default="balanced",
+        help="balanced: weigh each training image by n / (classes x images of its class), so a class with few "
+        "images counts as much as one with many (equal classes: every weight 1); none: every image 1 "
         "(default: %(default)s)",
     )
     p.add_argument(
@@ -152,15 +223,17 @@ def parse_args(argv=None):
     )
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUT/logs")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "image_size", "workers"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "image_size", "workers", "warmup_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_size < 32:
         p.error("--image-size must be at least 32 (the network halves it five times)")
     if not 0 <= args.progressive < 1:
         p.error("--progressive must be in [0, 1)")
-    if not 0 <= args.label_smoothing < 1 or not 0 <= args.ema < 1:
-        p.error("--label-smoothing and --ema must be in [0, 1)")
+    if args.augment is not None and args.augment < 0:
+        p.error("--augment must be 0 or more")
+    if not 0 <= args.label_smoothing < 1 or not 0 <= (args.ema or 0) < 1 or not 0 <= (args.bn_momentum or 0) < 1:
+        p.error("--label-smoothing, --ema and --bn-momentum must be in [0, 1)")
     if args.engine == "idg" and args.progressive:
         p.error("--engine idg trains at one size; add --progressive 0")
     return args
@@ -176,11 +249,11 @@ def image_sizes(final, epochs, progressive):
 
 
 # --- 1. data -------------------------------------------------------------------
-def list_split(data, split):
-    """(paths, labels) of one split's images."""
+def list_split(data, split, folders):
+    """(paths, labels) of one split's images, label i for the images in folders[i]."""
     folder = data / split
     paths, labels = [], []
-    for label, cls in enumerate(CLASS_NAMES):
+    for label, cls in enumerate(folders):
         files = list_images(folder / cls)
         if not files:
             raise UserError(f"{folder / cls} has no images; run `python prepare_data.py --out {data}` first")
@@ -208,10 +281,26 @@ def check_memory(counts, size, batch_size):
 
 
 def load_split(paths, labels, size):
-    """All images of one split as (uint8 array N x size x size x 3, float labels, paths)."""
+    """All images of one split as (uint8 array N x size x size x 3, int labels, paths)."""
     with ThreadPoolExecutor() as pool:  # PIL decodes without holding the GIL
         images = np.stack(list(pool.map(lambda p: load_image(p, size), paths)))
-    return images, np.array(labels, dtype="float32"), paths
+    return images, np.array(labels, dtype="int32"), paths
+
+
+def targets(labels, classes):
+    """What the loss compares the model's output with: the label itself for two classes (one sigmoid
+    unit), one-hot rows for more (softmax)."""
+    if classes == 2:
+        return labels.astype("float32")
+    return np.eye(classes, dtype="float32")[labels]
+
+
+def sample_weights(labels, classes, how):
+    """Each training image's weight: balanced gives class c the weight n / (classes x n_c)."""
+    if how == "none":
+        return np.ones(len(labels), dtype="float32")
+    counts = np.bincount(labels, minlength=classes).astype("float64")
+    return (len(labels) / (classes * np.maximum(counts, 1)))[labels].astype("float32")
 
 
 def resize(images, size):
@@ -225,8 +314,9 @@ def resize(images, size):
 
 
 # --- 2. batches ------------------------------------------------------------------
-def augment(images, seed):
-    """Each image of a batch warped once by a random mirror, rotation, zoom and shift (AUGMENTATION),
+def augment(images, seed, strength=1.0):
+    """Each image of a batch warped once by a random mirror, rotation, zoom and shift (AUGMENTATION,
+    rotation, zoom and shift times `strength`),
     drawn from `seed` (two integers), so a resumed run draws what the interrupted one would have.
     One resampling per image: Keras's RandomRotation, RandomTranslation and RandomZoom resample
     once each, which made augmentation 4x slower and the images blurrier."""
@@ -240,8 +330,9 @@ def augment(images, seed):
     def uniform(k, limit):
         return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
 
-    angle, zoom = uniform(0, a["rotation"] * 2 * np.pi), 1 + uniform(1, a["zoom"])
-    shift_x, shift_y = uniform(2, a["translation"]) * side, uniform(3, a["translation"]) * side
+    angle, zoom = uniform(0, a["rotation"] * strength * 2 * np.pi), 1 + uniform(1, a["zoom"] * strength)
+    shift_x = uniform(2, a["translation"] * strength) * side
+    shift_y = uniform(3, a["translation"] * strength) * side
     mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] else tf.ones([n])
     # Output pixel p reads the input at M (p - c) + c + shift, with M = zoom * rotation * mirror.
     c, cos, sin = (side - 1) / 2, tf.cos(angle) * zoom, tf.sin(angle) * zoom
@@ -253,9 +344,9 @@ def augment(images, seed):
     return ops.image.affine_transform(images, transform, fill_mode=a["fill_mode"])
 
 
-def warped_batches(x, y, batch_size, seed, sizes, first_epoch):
-    """tf.data batches for epochs first_epoch.. (one epoch after the other, each at its size),
-    augmented on the fly by `augment`."""
+def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength):
+    """tf.data batches (images, targets, weights) for epochs first_epoch.. (one epoch after the other,
+    each at its size), augmented on the fly by `augment`."""
     import tensorflow as tf
 
     # Every epoch's shuffled batch indices and image size, drawn up front: a resumed run draws the same.
@@ -265,24 +356,25 @@ def warped_batches(x, y, batch_size, seed, sizes, first_epoch):
     side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
     number = np.arange(first_epoch * steps, len(sizes) * steps)
     seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
-    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)  # one copy in TensorFlow's memory
+    x, y, w = tf.convert_to_tensor(x), tf.convert_to_tensor(y), tf.convert_to_tensor(w)  # one copy in TensorFlow
     epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(
-        lambda i, s, k: (augment(resize(tf.gather(x, i), s), k), tf.gather(y, i)), num_parallel_calls=2
+        lambda i, s, k: (augment(resize(tf.gather(x, i), s), k, strength), tf.gather(y, i), tf.gather(w, i)),
+        num_parallel_calls=2,
     )
     return epochs.prefetch(2)
 
 
-def idg_batches(x, y, batch_size, seed, workers):
+def idg_batches(x, y, w, batch_size, seed, workers, strength):
     """Augmented batches from Keras's ImageDataGenerator, run in worker processes (no GIL)."""
     keras = import_keras()
     import tensorflow as tf  # Keras 3 keeps ImageDataGenerator only under tf.keras
 
     a = AUGMENTATION
     generator = tf.keras.preprocessing.image.ImageDataGenerator(
-        rotation_range=a["rotation"] * 360,
-        width_shift_range=a["translation"],
-        height_shift_range=a["translation"],
-        zoom_range=a["zoom"],
+        rotation_range=a["rotation"] * strength * 360,
+        width_shift_range=a["translation"] * strength,
+        height_shift_range=a["translation"] * strength,
+        zoom_range=a["zoom"] * strength,
         horizontal_flip=a["horizontal_flip"],
         fill_mode=a["fill_mode"],
     )
@@ -305,7 +397,7 @@ def idg_batches(x, y, batch_size, seed, workers):
             idx = self.order[i * batch_size : (i + 1) * batch_size]
             rng = np.random.default_rng([seed, self.epoch, i])
             batch = [generator.random_transform(x[j].astype("float32"), seed=int(rng.integers(2**31))) for j in idx]
-            return np.stack(batch), y[idx]
+            return np.stack(batch), y[idx], w[idx]
 
         def on_epoch_end(self):
             self.epoch += 1
@@ -315,19 +407,24 @@ def idg_batches(x, y, batch_size, seed, workers):
 
 
 # --- 3. model ----------------------------------------------------------------------
-def compile_model(args, steps):
+def compile_model(args, steps, class_names):
     """The trainable model (any image size), compiled with the schedule, loss and averaging."""
     keras = import_keras()
+    warmup = min(args.warmup_steps, max(1, (args.epochs - 1) * steps))
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0,
-        decay_steps=max(1, (args.epochs - 1) * steps),
+        decay_steps=max(1, args.epochs * steps - warmup),
         warmup_target=args.learning_rate,
-        warmup_steps=steps,
+        warmup_steps=warmup,
     )
-    model = build_model(None if args.engine == "layers" else args.image_size)
+    model = build_model(None if args.engine == "layers" else args.image_size, class_names, bn_momentum=args.bn_momentum)
+    if len(class_names) == 2:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=args.label_smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing)
     model.compile(
         optimizer=keras.optimizers.RMSprop(schedule, use_ema=args.ema > 0, ema_momentum=args.ema or 0.99),
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=args.label_smoothing),
+        loss=loss,
         metrics=["accuracy"],
         jit_compile=False,  # XLA was slower on CPU here
     )
@@ -362,15 +459,36 @@ def averaged_weights(model):
 
 
 def accuracy(prob, labels):
-    return float(np.mean((prob > 0.5) == (labels > 0.5)))
+    """Share of rows of prob (N x classes) whose most probable class is the label."""
+    return float(np.mean(np.argmax(prob, axis=1) == labels))
 
 
 def log_loss(prob, labels, eps=1e-7):
-    return float(-np.mean(labels * np.log(prob + eps) + (1 - labels) * np.log(1 - prob + eps)))
+    return float(-np.mean(np.log(prob[np.arange(len(labels)), labels] + eps)))
+
+
+def per_class(prob, labels, class_names):
+    """Precision, recall and F1 of each class on the test split, and their macro averages (unweighted)."""
+    pred = np.argmax(prob, axis=1)
+    rows = {}
+    for c, name in enumerate(class_names):
+        tp = int(np.sum((pred == c) & (labels == c)))
+        predicted, actual = int(np.sum(pred == c)), int(np.sum(labels == c))
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows[name] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "images": actual,
+        }
+    macro = {k: round(float(np.mean([r[k] for r in rows.values()])), 4) for k in ("precision", "recall", "f1")}
+    return rows, macro
 
 
 def batched(model):
-    """run(images) -> the model's outputs, 256 images a call (what utils.dog_probabilities calls)."""
+    """run(images) -> the model's outputs, 256 images a call (what utils.class_probabilities calls)."""
     return lambda images: np.concatenate(
         [model(images[i : i + 256], training=False) for i in range(0, len(images), 256)]
     )
@@ -393,7 +511,7 @@ def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
             images = val_at[size]
             with averaged_weights(model):
                 plain, both = plain_and_mirrored(batched(model), images)  # both kinds logged: one pass each
-            chosen = both if MIRROR_TTA else plain  # what utils.dog_probabilities gives
+            chosen = both if MIRROR_TTA else plain  # what utils.class_probabilities gives
             logs.update(
                 val_accuracy=accuracy(chosen, y_val),
                 val_loss=log_loss(chosen, y_val),
@@ -489,13 +607,33 @@ def finished_epochs(work):
 
 
 # --- the run ---------------------------------------------------------------------------
+def resolve_recipe(args):
+    """Fill the flags left unset with `recipe`'s values for this split; return the names of those derived."""
+    if not args.data.is_dir():
+        raise UserError(f"{args.data} does not exist; run `python prepare_data.py` first")
+    names, folders = split_classes(args.data)
+    if len(names) < 2:
+        raise UserError(
+            f"{args.data / 'train'} has {len(names)} class folder(s); it needs two or more: run "
+            f"`python prepare_data.py --out {args.data}` first"
+        )
+    train_images = len(list_split(args.data, "train", folders)[0])
+    derived = []
+    for key, value in recipe(train_images, args.batch_size, args.epochs).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            derived.append(key)
+    return derived
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Ctrl-C must reach us even when started from a shell that ignores it (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out, work = args.out, args.out / ".run"  # .run holds the unfinished run's backup and log
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RESUMABLE}
     try:
+        derived = resolve_recipe(args)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RESUMABLE}
         if args.resume:
             if not (work / "config.json").exists():
                 raise UserError(f"nothing to resume in {out}; run without --resume to start training")
@@ -506,7 +644,7 @@ def main(argv=None):
             if diff:
                 raise UserError(f"--resume needs the flags of the interrupted run: {', '.join(diff)}")
         with exclusive(out / ".lock", f"--out {out}"):
-            return train(args, out, work, config)
+            return train(args, out, work, config, derived)
     except Exception as e:
         if not isinstance(e, UserError) and not is_disk_full(e):
             raise
@@ -526,13 +664,12 @@ def main(argv=None):
         )
 
 
-def train(args, out, work, config):
-    if not args.data.is_dir():
-        raise UserError(f"{args.data} does not exist; run `python prepare_data.py` first")
+def train(args, out, work, config, derived):
     started = time.perf_counter()
 
-    # 1. data
-    splits = [list_split(args.data, split) for split in ("train", "val", "test")]
+    # 1. data: the classes as prepare_data.py named them, then each split into memory
+    class_names, folders = split_classes(args.data)
+    splits = [list_split(args.data, split, folders) for split in ("train", "val", "test")]
     check_memory([len(paths) for paths, _ in splits], args.image_size, args.batch_size)
     x_train, y_train, _ = load_split(*splits[0], args.image_size)
     x_val, y_val, _ = load_split(*splits[1], args.image_size)
@@ -543,8 +680,12 @@ def train(args, out, work, config):
             "lower --batch-size or prepare more images"
         )
     print(
-        f"loaded train {len(x_train)}, val {len(x_val)}, test {len(x_test)} images "
+        f"loaded train {len(x_train)}, val {len(x_val)}, test {len(x_test)} images of {len(class_names)} classes "
         f"at {args.image_size}px in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    print(
+        "recipe: " + ", ".join(f"{k} {getattr(args, k)}" + (" (derived)" if k in derived else "") for k in RECIPE),
         flush=True,
     )
 
@@ -555,7 +696,7 @@ def train(args, out, work, config):
     # 2. model, batches
     sizes = image_sizes(args.image_size, args.epochs, args.progressive)
     steps = len(x_train) // args.batch_size
-    model = compile_model(args, steps)
+    model = compile_model(args, steps, class_names)
     # what the run will write, before an hour of training: the backup and its previous copy, at most two
     # best-epoch files, the model and its LiteRT copy
     check_space(out, 4 * state_bytes(model) + 2 * 4 * model.count_params())
@@ -565,10 +706,13 @@ def train(args, out, work, config):
     write_json(work / "config.json", config)
     first = finished_epochs(work)
     forget_unbacked_epochs(work / "log.csv", first)
+    y_fit = targets(y_train, len(class_names))
+    w_fit = sample_weights(y_train, len(class_names), args.class_weights)
     if args.engine == "layers":
-        batches = warped_batches(x_train, y_train, args.batch_size, args.seed, sizes, min(first, args.epochs - 1))
+        first_epoch = min(first, args.epochs - 1)
+        batches = warped_batches(x_train, y_fit, w_fit, args.batch_size, args.seed, sizes, first_epoch, args.augment)
     else:
-        batches = idg_batches(x_train, y_train, args.batch_size, args.seed, args.workers)
+        batches = idg_batches(x_train, y_fit, w_fit, args.batch_size, args.seed, args.workers, args.augment)
     print(f"precision {precision}; image size by epoch {sizes}", flush=True)
 
     # 4. fit; elapsed_seconds count from this process's start, plus what earlier runs of a resumed one took
@@ -587,19 +731,27 @@ def train(args, out, work, config):
     log = read_log(work / "log.csv")
     model.load_weights(best_file(work))
     keras.mixed_precision.set_global_policy("float32")
-    final = build_model(args.image_size)
+    final = build_model(args.image_size, class_names)
     final.set_weights(model.get_weights())
     plain, both = plain_and_mirrored(batched(final), x_test)
-    prob = both if MIRROR_TTA else plain  # what utils.dog_probabilities, and so predict.py, gives
-    history = metrics_of(args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val))
+    prob = both if MIRROR_TTA else plain  # what utils.class_probabilities, and so predict.py, gives
+    history = metrics_of(args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val), class_names)
 
     # 5. save, each file whole or not at all
     predictions = [
-        {"path": str(p), "label": int(t), "dog_probability": round(float(q), 4)}
+        {
+            "path": str(p),
+            "true": class_names[t],
+            "predicted": class_names[int(np.argmax(q))],
+            "probabilities": {name: round(float(v), 4) for name, v in zip(class_names, q, strict=True)},
+        }
         for p, t, q in zip(test_paths, y_test, prob, strict=True)
     ]
-    atomic_write(out / MODEL_FILE, final.save, need=4 * final.count_params())
-    atomic_write(out / LITERT_FILE, lambda tmp: export_litert(final, tmp), need=4 * final.count_params(), staged=True)
+    keras_file, litert_file = model_files(class_names)
+
+    atomic_write(out / keras_file, final.save, need=4 * final.count_params())
+    atomic_write(out / litert_file, lambda tmp: export_litert(final, tmp), need=4 * final.count_params(), staged=True)
+    atomic_write(out / LABELS_FILE, lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in class_names)))
     write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
     write_json(out / "metrics.json", history["metrics"])
@@ -607,21 +759,25 @@ def train(args, out, work, config):
     m = history["metrics"]
     print(
         f"test accuracy {m['test_accuracy']:.4f} on {len(y_test)} images (best epoch {m['best_epoch']}, "
-        f"val {m['best_val_accuracy']:.4f}); {m['train_seconds']:.0f} s from start to last epoch; "
-        f"saved {out / MODEL_FILE}"
+        f"val {m['best_val_accuracy']:.4f}; macro F1 {m['macro_f1']:.4f}); {m['train_seconds']:.0f} s from start "
+        f"to last epoch; saved {out / keras_file} and {out / litert_file}"
     )
     return m
 
 
 def export_litert(model, path):
-    """The model as a LiteRT (.tflite) file with built-in ops only, for predict.py without TensorFlow."""
+    """The model as a LiteRT (.tflite) file with built-in ops only, for predict.py without TensorFlow,
+    with the model's class names packed inside as labels.txt."""
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's signature
         model.export(path, format="litert", verbose=False)
+    names = names_of_keras_model(model)
+    if names:
+        pack_labels(path, names)
 
 
-def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, val_images):
+def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, val_images, class_names):
     """history.json (per epoch) and metrics.json (the saved model on the test split)."""
     keys = [
         "accuracy",
@@ -638,11 +794,17 @@ def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, v
     history = {k: v for k, v in history.items() if v}
     best_epoch = int(np.argmax(history["val_accuracy"]))
     reached = [r["elapsed_seconds"] for r in log if r["val_accuracy"] >= 0.9]
+    classes, macro = per_class(prob, y_test, class_names)
     metrics = {
+        "classes": list(class_names),
         "test_accuracy": round(accuracy(prob, y_test), 4),
         "test_accuracy_plain": round(accuracy(plain, y_test), 4),
         "test_loss": round(log_loss(prob, y_test), 4),
         "test_images": len(y_test),
+        "macro_precision": macro["precision"],
+        "macro_recall": macro["recall"],
+        "macro_f1": macro["f1"],
+        "per_class": classes,
         "train_images": train_images,
         "val_images": val_images,
         "best_epoch": best_epoch + 1,
@@ -652,6 +814,7 @@ def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, v
         "train_seconds": log[-1]["elapsed_seconds"],  # wall time from process start, data loading included
         "image_size": args.image_size,
         "batch_size": args.batch_size,
+        "recipe": {k: getattr(args, k) for k in RECIPE},
         "parameters": final.count_params(),
         "precision": precision,
         "engine": args.engine,

@@ -6,6 +6,7 @@ disagree on class names, image size or preprocessing.
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -19,9 +20,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # --- facts -----------------------------------------------------------------
-CLASS_NAMES = ("cats", "dogs")  # folder names of a split; label index = position
-LABELS = ("cat", "dog")  # what predict.py prints for label 0 and 1
-SOURCE_CLASSES = {"cat": 0, "dog": 1}  # folder names in the Microsoft archive
+# The Microsoft archive's class folders (any case) -> (folder in the split, the class's name). Any other
+# source's classes are its sub-folders' names; prepare_data.py writes them to report.json, train.py reads
+# them from there and puts them inside both model files, and predict.py reads them from the model.
+MICROSOFT_CLASSES = {"cat": ("cats", "cat"), "dog": ("dogs", "dog")}
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 160  # pixels per side of the finished model (train.py --image-size)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -31,6 +33,8 @@ CACHE_DIR = Path("data")  # downloads go to data/downloads
 MODEL_DIR = Path("models")
 MODEL_FILE = "cats_vs_dogs.keras"
 LITERT_FILE = "cats_vs_dogs.tflite"  # the same model for LiteRT: predict.py without TensorFlow
+OTHER_MODEL_STEM = "model"  # model.keras and model.tflite: the files of any class set other than cat, dog
+LABELS_FILE = "labels.txt"  # class names, one a line in output order: beside the models, and inside the .tflite
 MICROSOFT_URL = (
     "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"
 )
@@ -100,6 +104,24 @@ def load_image(source, size=IMAGE_SIZE):
 def list_images(folder):
     """Image files below folder, recursively, sorted, by extension (any case)."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def split_classes(data):
+    """(class names, folder names) of a split in label order: as prepare_data.py wrote them to report.json
+    (the Microsoft data's folders cats/ and dogs/ hold the classes cat and dog), or, for a split made by
+    hand, the sorted sub-folders of train/, each its own name."""
+    data = Path(data)
+    report = data / "report.json"
+    if report.exists():
+        try:
+            classes = json.loads(report.read_text())["classes"]
+            return [c["name"] for c in classes], [c["folder"] for c in classes]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise UserError(
+                f"{report} has no class list (an older prepare_data.py wrote it); run prepare_data.py again"
+            ) from None
+    folders = sorted(p.name for p in (data / "train").iterdir() if p.is_dir()) if (data / "train").is_dir() else []
+    return folders, folders
 
 
 # --- files ---------------------------------------------------------------
@@ -327,13 +349,84 @@ class Progress:
 
 
 # --- model ---------------------------------------------------------------
-def build_model(image_size=IMAGE_SIZE, widths=(32, 64, 128, 256), stem=32, dropout=0.3, block_dropout=0.1):
+def model_files(class_names):
+    """(keras file, tflite file) names for a class set: cats_vs_dogs.* for cat/dog, model.* for any other."""
+    if tuple(class_names) == tuple(name for _, name in MICROSOFT_CLASSES.values()):
+        return MODEL_FILE, LITERT_FILE
+    return f"{OTHER_MODEL_STEM}.keras", f"{OTHER_MODEL_STEM}.tflite"
+
+
+@functools.cache
+def class_names_layer():
+    """The Keras layer that carries a model's class names in its config: an identity on the output, so
+    the names are saved in the .keras file's config.json, survive load and save, and cost nothing in the
+    LiteRT copy. Registered under "catsdogs>ClassNames", which load_model finds once this has run."""
+    keras = import_keras()
+
+    @keras.saving.register_keras_serializable(package="catsdogs")
+    class ClassNames(keras.layers.Layer):
+        def __init__(self, names, **kwargs):
+            super().__init__(**kwargs)
+            self.names = [str(n) for n in names]
+
+        def call(self, x):
+            return x
+
+        def compute_output_shape(self, shape):
+            return shape
+
+        def get_config(self):
+            return {**super().get_config(), "names": self.names}
+
+    return ClassNames
+
+
+def names_of_keras_model(model):
+    """Class names carried by a model built by build_model, or None."""
+    cls = class_names_layer()
+    layers = [layer for layer in model.layers if isinstance(layer, cls)]
+    return layers[-1].names if layers else None
+
+
+def pack_labels(tflite_path, class_names):
+    """Append labels.txt to a .tflite file as an associated file, the way LiteRT's metadata tools
+    (Model Maker, Teachable Machine) pack them: a zip archive after the flatbuffer, which the
+    interpreter ignores and any zip reader finds."""
+    import zipfile
+
+    with zipfile.ZipFile(tflite_path, "a") as zf:
+        zf.writestr(LABELS_FILE, "".join(f"{name}\n" for name in class_names))
+
+
+def unpack_labels(tflite_path):
+    """The class names packed into a .tflite file (pack_labels), or None. No TensorFlow needed."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(tflite_path) as zf:
+            return zf.read(LABELS_FILE).decode("utf-8").splitlines()
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, OSError):
+        return None
+
+
+def build_model(
+    image_size=IMAGE_SIZE,
+    class_names=("cat", "dog"),
+    widths=(32, 64, 128, 256),
+    stem=32,
+    dropout=0.3,
+    block_dropout=0.1,
+    bn_momentum=0.99,
+):
     """The CNN: a strided Conv stem, then blocks of two Conv/BatchNorm/ReLU, MaxPool and Dropout,
-    global average pooling, Dropout and one sigmoid unit (1.18 M parameters by default).
+    global average pooling, Dropout and the classifier: one sigmoid unit (the probability of the second
+    class) for two classes, a softmax over N classes for more (1.18 M parameters by default). Its last
+    layer, ClassNames, carries the names of the classes in output order.
 
     image_size None builds a fully convolutional model that takes any size (progressive resizing
     trains it so); the saved model is rebuilt at the final size, which predict.py reads from it.
-    Layers are named, so weights move between the two builds by name.
+    Layers are named, so weights move between the two builds by name. bn_momentum: how slowly
+    BatchNormalization's statistics for inference follow the training batches (train.recipe derives it).
     """
     keras = import_keras()
     layers = keras.layers
@@ -341,19 +434,26 @@ def build_model(image_size=IMAGE_SIZE, widths=(32, 64, 128, 256), stem=32, dropo
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)
     x = layers.Conv2D(stem, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for i, width in enumerate(widths, 1):
         for j in (1, 2):
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
-            x = layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"block{i}_bn{j}")(x)
             x = layers.ReLU(name=f"block{i}_relu{j}")(x)
         x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
         x = layers.Dropout(block_dropout, name=f"block{i}_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="average")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="dog_probability")(x)
-    return keras.Model(inputs, outputs, name="cats_vs_dogs")
+    n = len(class_names)
+    if n < 2:
+        raise ValueError(f"a classifier needs two or more classes, not {list(class_names)}")
+    if n == 2:
+        x = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    else:
+        x = layers.Dense(n, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = class_names_layer()(class_names, dtype="float32", name="class_names")(x)
+    return keras.Model(inputs, outputs, name="classifier")
 
 
 # Test-time augmentation: each prediction averages the photo and its mirror image.
@@ -361,19 +461,26 @@ def build_model(image_size=IMAGE_SIZE, widths=(32, 64, 128, 256), stem=32, dropo
 MIRROR_TTA = True
 
 
+def as_class_probabilities(outputs):
+    """A model's outputs as N x classes probabilities: one sigmoid unit p becomes (1 - p, p)."""
+    outputs = np.asarray(outputs, dtype="float64").reshape(len(outputs), -1)
+    return np.concatenate([1 - outputs, outputs], axis=1) if outputs.shape[1] == 1 else outputs
+
+
 def plain_and_mirrored(run, images):
-    """(plain, averaged) dog probabilities: run(batch) on the images, and averaged with their mirror images."""
-    plain = np.asarray(run(images), dtype="float64").reshape(-1)
-    mirrored = np.asarray(run(np.ascontiguousarray(images[:, :, ::-1])), dtype="float64").reshape(-1)
+    """(plain, averaged) class probabilities (N x classes): run(batch) on the images, and averaged with
+    their mirror images."""
+    plain = as_class_probabilities(run(images))
+    mirrored = as_class_probabilities(run(np.ascontiguousarray(images[:, :, ::-1])))
     return plain, (plain + mirrored) / 2
 
 
-def dog_probabilities(run, images):
-    """The one prediction of evaluation and predict.py: run(batch) -> dog probabilities,
+def class_probabilities(run, images):
+    """The one prediction of evaluation and predict.py: run(batch) -> N x classes probabilities,
     averaged with the mirrored batch when MIRROR_TTA. images: uint8/float array N x H x W x 3."""
     if MIRROR_TTA:
         return plain_and_mirrored(run, images)[1]
-    return np.asarray(run(images), dtype="float64").reshape(-1)
+    return as_class_probabilities(run(images))
 
 
 def cpu_has_bf16():

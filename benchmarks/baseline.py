@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import CLASS_NAMES, DATA_DIR, import_keras, write_json  # noqa: E402
+from utils import DATA_DIR, import_keras, split_classes, write_json  # noqa: E402
 
 SIZE, BATCH = 150, 100
 AUGMENTATION = dict(
@@ -50,7 +50,8 @@ def flows(data):
     import tensorflow as tf
 
     idg = tf.keras.preprocessing.image.ImageDataGenerator
-    kw = dict(target_size=(SIZE, SIZE), batch_size=BATCH, class_mode="binary", classes=list(CLASS_NAMES))
+    folders = split_classes(data)[1]  # cats/, dogs/ of the Microsoft data
+    kw = dict(target_size=(SIZE, SIZE), batch_size=BATCH, class_mode="binary", classes=folders)
     train = idg(**AUGMENTATION).flow_from_directory(str(Path(data) / "train"), **kw)
     val = idg(rescale=1 / 255).flow_from_directory(str(Path(data) / "val"), shuffle=False, **kw)
     return train, val

@@ -13,6 +13,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_ZIP = ROOT.parent / "shared" / "data" / "PetImages-180px.zip"
+FLOWERS_ZIP = ROOT.parent / "shared" / "data" / "flowers-5-256px.zip"
 sys.path.insert(0, str(ROOT))
 
 
@@ -35,6 +36,24 @@ def shared_zip():
     if not SHARED_ZIP.exists():
         pytest.skip(f"real photos not available: {SHARED_ZIP} is absent (CI has it beside the clone)")
     return SHARED_ZIP
+
+
+@pytest.fixture(scope="session")
+def flowers_zip():
+    if not FLOWERS_ZIP.exists():
+        pytest.skip(f"real flower photos not available: {FLOWERS_ZIP} is absent (CI has it beside the clone)")
+    return FLOWERS_ZIP
+
+
+def flower_photos(zip_path, per_class):
+    """{class: [jpeg bytes, ...]}: the first per_class photos of each of the zip's five classes."""
+    photos = {}
+    with zipfile.ZipFile(zip_path) as zf:
+        for name in sorted(zf.namelist()):
+            parts = name.split("/")
+            if len(parts) == 3 and name.endswith(".jpg") and len(photos.setdefault(parts[1], [])) < per_class:
+                photos[parts[1]].append(zf.read(name))
+    return photos
 
 
 @pytest.fixture(scope="session")

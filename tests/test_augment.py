@@ -11,7 +11,9 @@ import train
 
 @pytest.fixture(scope="module")
 def photos(small_split):
-    images, _, _ = train.load_split(*train.list_split(small_split, "train"), 64)
+    from utils import split_classes
+
+    images, _, _ = train.load_split(*train.list_split(small_split, "train", split_classes(small_split)[1]), 64)
     return images.astype("float32")  # 48 real photos
 
 

@@ -78,7 +78,7 @@ def test_unreadable_images_give_exit_1_and_the_rest_are_predicted(model, images)
     [
         ("no_model", "not found"),
         ("junk_model", "is not a {} model file"),
-        ("wrong_model", "expected a cats-vs-dogs model"),
+        ("wrong_model", "expected a model from train.py"),
         ("no_path", "no such file or folder"),
         ("empty_folder", "no images"),
     ],
@@ -167,7 +167,7 @@ def test_without_litert_the_default_falls_back_to_keras_and_a_tflite_file_says_w
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip().splitlines() == [
         f"error: {model / 'tiny.tflite'} needs the LiteRT runtime: `pip install ai-edge-litert`, "
-        "or pass --model models/cats_vs_dogs.keras"
+        f"or pass --model {model / 'tiny.keras'}"
     ]
 
 

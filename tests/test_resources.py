@@ -51,7 +51,7 @@ def hidden_files(folder):
 def test_prepare_refuses_a_disk_too_small_and_keeps_the_previous_split(real_photos, small_disk):
     disk = small_disk("400k")
     out = disk / "split"
-    first = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "5")
+    first = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "10")
     assert first.returncode == 0, first.stderr
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     full = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "40")
@@ -190,7 +190,7 @@ def test_a_second_prepare_into_the_same_out_refuses(shared_zip, real_photos, tmp
     finally:
         first.kill()
         first.wait()
-    after = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "3")
+    after = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "10")
     assert after.returncode == 0, after.stderr
 
 
@@ -213,6 +213,7 @@ def test_zip_bomb_members_are_dropped_with_flat_memory(real_photos, tmp_path):
 
     # peak memory of prepare_data.py and its workers, measured by a parent that runs nothing else
     command = [sys.executable, str(ROOT / "prepare_data.py"), "--source", str(bomb), "--out", str(tmp_path / "out")]
+    command += ["--val-fraction", "0", "--test-fraction", "0"]  # 3 photos a class: all for training
     measure = (
         "import resource, subprocess, sys; "
         f"r = subprocess.run({command!r}, capture_output=True, text=True); "
@@ -269,7 +270,7 @@ def test_the_space_estimate_opens_the_zip_once(shared_zip, monkeypatch):
     opened = []
     real = zipfile.ZipFile
     monkeypatch.setattr(prepare_data.zipfile, "ZipFile", lambda *a, **k: opened.append(a) or real(*a, **k))
-    files = prepare_data.read_source(shared_zip)
+    _, files = prepare_data.read_source(shared_zip)
     estimate = prepare_data.estimated_output(files, prepare_data.parse_args(["--source", str(shared_zip)]))
     assert len(opened) == 2  # read_source's listing, and the estimate's
     assert 20e6 < estimate < 200e6  # a low estimate: the 180 px split really takes 238 MB

@@ -49,7 +49,7 @@ def test_prepare_train_plot_predict_end_to_end(data, trained):
     rows = [json.loads(line) for line in pred.stdout.splitlines()]
     assert len(rows) == 3 and all(r["label"] in ("cat", "dog") and 0 <= r["dog_probability"] <= 1 for r in rows)
     # train.py's saved test predictions agree with predict.py on the same files
-    saved = {r["path"]: r["dog_probability"] for r in json.loads((out / "test_predictions.json").read_text())}
+    saved = {r["path"]: r["probabilities"]["dog"] for r in json.loads((out / "test_predictions.json").read_text())}
     for r in rows:
         assert r["dog_probability"] == pytest.approx(saved[r["path"]], abs=2e-3)
 
@@ -74,8 +74,10 @@ def test_litert_copy_agrees_with_the_keras_model_on_real_photos(data, trained):
         assert litert_rows[path]["label"] == k["label"], path
         assert litert_rows[path]["dog_probability"] == pytest.approx(k["dog_probability"], abs=1e-3), path
 
-    (keras_run, size), (litert_run, litert_size) = (predict.load_model(out / n) for n in (MODEL_FILE, LITERT_FILE))
-    assert size == litert_size == 64
+    (keras_run, size, names), (litert_run, litert_size, litert_names) = (
+        predict.load_model(out / n) for n in (MODEL_FILE, LITERT_FILE)
+    )
+    assert size == litert_size == 64 and names == litert_names == ["cat", "dog"]
     images = np.stack([load_image(p, size) for p in list_images(data)])
     logits = [np.log(p / (1 - p)) for p in (keras_run(images).ravel(), litert_run(images).ravel())]
     assert np.ptp(logits[0]) > 1e-3, "photos must get different outputs for the comparison to mean anything"
