@@ -84,6 +84,7 @@ WARMUP_STEPS = 200
 EMA_EPOCHS = 0.35  # the averages' window, in epochs (1 / (1 - momentum) steps): weights and BatchNorm statistics
 MAX_SCALE = 3.0  # a split this many times smaller in square root gets at most 3x the epochs
 MAX_AUGMENT = 2.0  # and at most twice the warps
+MAX_CUTMIX = 0.5  # and CutMix on at most half of the batches
 
 
 def recipe(train_images, batch_size, epochs=None):
@@ -100,10 +101,12 @@ def recipe(train_images, batch_size, epochs=None):
         "ema": momentum,
         "bn_momentum": momentum,
         "augment": round(min(MAX_AUGMENT, scale), 2),
+        "cutmix": round(min(MAX_CUTMIX, (scale - 1) * MAX_CUTMIX / 2), 2),
     }
 
 
-RECIPE = ("epochs", "warmup_steps", "ema", "bn_momentum", "augment", "class_weights")  # printed, and in metrics.json
+# The recipe's settings, printed at the start and kept in metrics.json
+RECIPE = ("epochs", "warmup_steps", "ema", "bn_momentum", "augment", "cutmix", "class_weights")
 # Flags that must be the same for --resume to continue a run.
 RESUMABLE = (
     "epochs",
@@ -120,7 +123,9 @@ RESUMABLE = (
     "warmup_steps",
     "bn_momentum",
     "augment",
+    "cutmix",
     "class_weights",
+    "width",
 )
 
 
@@ -149,6 +154,13 @@ def parse_args(argv=None):
         default=0.7,
         help="share of the epochs trained on smaller images, in equal parts from about half of --image-size "
         "up in 32 px steps (64, 96 and 128 px for 160); 0 trains every epoch at --image-size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--width",
+        type=float,
+        default=1.0,
+        help="filters of the network's blocks times this (32, 64, 128, 256 at 1: 1.18 M parameters) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--learning-rate",
@@ -182,6 +194,13 @@ def parse_args(argv=None):
         type=float,
         help="strength of the random warps: rotation, shift and zoom of AUGMENTATION times this (default: 1 for "
         f"{REFERENCE_IMAGES:,} training images or more, up to {MAX_AUGMENT:g} for smaller splits)",
+    )
+    p.add_argument(
+        "--cutmix",
+        type=float,
+        help="share of the training batches mixed by CutMix (a box of each image pasted from another, labels mixed "
+        f"by area) (default: 0 for {REFERENCE_IMAGES:,} training images or more, up to {MAX_CUTMIX:g} for smaller "
+        "splits)",
     )
     p.add_argument(
         "--class-weights",
@@ -230,8 +249,14 @@ def parse_args(argv=None):
         p.error("--image-size must be at least 32 (the network halves it five times)")
     if not 0 <= args.progressive < 1:
         p.error("--progressive must be in [0, 1)")
+    if args.width <= 0:
+        p.error("--width must be above 0")
     if args.augment is not None and args.augment < 0:
         p.error("--augment must be 0 or more")
+    if args.cutmix is not None and not 0 <= args.cutmix <= 1:
+        p.error("--cutmix must be in [0, 1]")
+    if args.engine == "idg" and args.cutmix:
+        p.error("--engine idg does not mix batches; add --cutmix 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= (args.ema or 0) < 1 or not 0 <= (args.bn_momentum or 0) < 1:
         p.error("--label-smoothing, --ema and --bn-momentum must be in [0, 1)")
     if args.engine == "idg" and args.progressive:
@@ -344,9 +369,33 @@ def augment(images, seed, strength=1.0):
     return ops.image.affine_transform(images, transform, fill_mode=a["fill_mode"])
 
 
-def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength):
+def cutmix(images, y, w, seed, share):
+    """CutMix (Yun et al., 2019) on a share of the batches: a random box of each image is replaced by the same
+    box of another image of the batch, and targets and weights are mixed by the area of the box (drawn
+    uniformly: Beta(1, 1)). The network must then use the whole picture, not the one part that gives the
+    class away, which keeps a small training split from being learned by heart."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, 5)
+    n, h, wd = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    cut = tf.sqrt(tf.random.stateless_uniform([], s[0]))  # side of the box / side of the image
+    bh, bw = tf.cast(cut * tf.cast(h, "float32"), "int32"), tf.cast(cut * tf.cast(wd, "float32"), "int32")
+    cy = tf.random.stateless_uniform([], s[1], 0, h, dtype="int32")
+    cx = tf.random.stateless_uniform([], s[2], 0, wd, dtype="int32")
+    rows, cols = tf.range(h), tf.range(wd)
+    inside_rows = (rows >= cy - bh // 2) & (rows < cy + bh - bh // 2)
+    inside_cols = (cols >= cx - bw // 2) & (cols < cx + bw - bw // 2)
+    mask = tf.cast(inside_rows[:, None] & inside_cols[None, :], "float32")[:, :, None]
+    mask *= tf.cast(tf.random.stateless_uniform([], s[3]) < share, "float32")  # this batch, or not
+    area = tf.reduce_mean(mask)
+    other = tf.argsort(tf.random.stateless_uniform([n], s[4]))
+    images = images * (1 - mask) + tf.gather(images, other) * mask
+    return images, (1 - area) * y + area * tf.gather(y, other), (1 - area) * w + area * tf.gather(w, other)
+
+
+def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0):
     """tf.data batches (images, targets, weights) for epochs first_epoch.. (one epoch after the other,
-    each at its size), augmented on the fly by `augment`."""
+    each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them."""
     import tensorflow as tf
 
     # Every epoch's shuffled batch indices and image size, drawn up front: a resumed run draws the same.
@@ -357,10 +406,14 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength):
     number = np.arange(first_epoch * steps, len(sizes) * steps)
     seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
     x, y, w = tf.convert_to_tensor(x), tf.convert_to_tensor(y), tf.convert_to_tensor(w)  # one copy in TensorFlow
-    epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(
-        lambda i, s, k: (augment(resize(tf.gather(x, i), s), k, strength), tf.gather(y, i), tf.gather(w, i)),
-        num_parallel_calls=2,
-    )
+
+    def batch(i, s, k):
+        images = augment(resize(tf.gather(x, i), s), k, strength)
+        if not mix:
+            return images, tf.gather(y, i), tf.gather(w, i)
+        return cutmix(images, tf.gather(y, i), tf.gather(w, i), tf.random.experimental.stateless_fold_in(k, 1), mix)
+
+    epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(batch, num_parallel_calls=2)
     return epochs.prefetch(2)
 
 
@@ -407,6 +460,11 @@ def idg_batches(x, y, w, batch_size, seed, workers, strength):
 
 
 # --- 3. model ----------------------------------------------------------------------
+def widths(multiplier):
+    """Filters of the four blocks: utils.build_model's 32, 64, 128, 256 times --width."""
+    return tuple(max(8, round(w * multiplier)) for w in (32, 64, 128, 256))
+
+
 def compile_model(args, steps, class_names):
     """The trainable model (any image size), compiled with the schedule, loss and averaging."""
     keras = import_keras()
@@ -417,7 +475,8 @@ def compile_model(args, steps, class_names):
         warmup_target=args.learning_rate,
         warmup_steps=warmup,
     )
-    model = build_model(None if args.engine == "layers" else args.image_size, class_names, bn_momentum=args.bn_momentum)
+    size = None if args.engine == "layers" else args.image_size
+    model = build_model(size, class_names, widths=widths(args.width), bn_momentum=args.bn_momentum)
     if len(class_names) == 2:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=args.label_smoothing)
     else:
@@ -623,6 +682,8 @@ def resolve_recipe(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
             derived.append(key)
+    if args.engine == "idg" and "cutmix" in derived:
+        args.cutmix = 0.0  # ImageDataGenerator's batches are not mixed
     return derived
 
 
@@ -710,7 +771,9 @@ def train(args, out, work, config, derived):
     w_fit = sample_weights(y_train, len(class_names), args.class_weights)
     if args.engine == "layers":
         first_epoch = min(first, args.epochs - 1)
-        batches = warped_batches(x_train, y_fit, w_fit, args.batch_size, args.seed, sizes, first_epoch, args.augment)
+        batches = warped_batches(
+            x_train, y_fit, w_fit, args.batch_size, args.seed, sizes, first_epoch, args.augment, args.cutmix
+        )
     else:
         batches = idg_batches(x_train, y_fit, w_fit, args.batch_size, args.seed, args.workers, args.augment)
     print(f"precision {precision}; image size by epoch {sizes}", flush=True)
@@ -731,7 +794,7 @@ def train(args, out, work, config, derived):
     log = read_log(work / "log.csv")
     model.load_weights(best_file(work))
     keras.mixed_precision.set_global_policy("float32")
-    final = build_model(args.image_size, class_names)
+    final = build_model(args.image_size, class_names, widths=widths(args.width))
     final.set_weights(model.get_weights())
     plain, both = plain_and_mirrored(batched(final), x_test)
     prob = both if MIRROR_TTA else plain  # what utils.class_probabilities, and so predict.py, gives

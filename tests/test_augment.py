@@ -45,3 +45,29 @@ def test_draws_follow_the_seed_so_a_resumed_run_sees_the_same_batches(photos):
     corr = [np.corrcoef(x.ravel(), p.ravel())[0, 1] for x, p in zip(a, photos, strict=True)]
     mirror_corr = [np.corrcoef(x.ravel(), p[:, ::-1].ravel())[0, 1] for x, p in zip(a, photos, strict=True)]
     assert np.median(np.maximum(corr, mirror_corr)) > 0.5
+
+
+def test_cutmix_pastes_one_box_from_another_image_and_mixes_targets_by_its_area(photos):
+    import tensorflow as tf
+
+    n = len(photos)
+    y = np.eye(3, dtype="float32")[np.arange(n) % 3]
+    w = np.ones(n, dtype="float32")
+    seed = tf.constant([3, 4], "int64")
+    same = train.cutmix(tf.constant(photos), tf.constant(y), tf.constant(w), seed, 0.0)
+    assert np.array_equal(same[0].numpy(), photos) and np.array_equal(same[1].numpy(), y), "share 0 changed a batch"
+    areas = []
+    for k in range(6):
+        x, t, weight = (a.numpy() for a in train.cutmix(photos, y, w, tf.constant([k, 9], "int64"), 1.0))
+        changed = np.any(x != photos, axis=-1)  # pixels that now come from another photo
+        rows, cols = np.nonzero(changed.any(axis=0))
+        box = np.zeros(changed.shape[1:], bool)
+        if len(rows):
+            box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        assert not np.any(changed & ~box), "pixels changed outside one box"
+        area = box.mean()
+        areas.append(area)
+        # every target is (1 - area) of its own class plus area of the pasted one, and sums to 1
+        assert np.allclose(t.sum(axis=1), 1) and np.all(t.max(axis=1) >= 1 - area - 1e-6)
+        assert np.allclose(weight, 1)
+    assert len(set(np.round(areas, 3))) > 3, "the box does not change from batch to batch"
