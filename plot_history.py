@@ -90,7 +90,7 @@ def plot_confusion(predictions, out):
     np.add.at(matrix, (true, pred), 1)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = max(4.5, 0.55 * n + 2.5)  # each cell stays about half an inch wide
-    fontsize = 13 if n <= 3 else 10 if n <= 8 else 7 if n <= 16 else 5.5
+    fontsize = 13 if n <= 3 else 10 if n <= 8 else 8 if n <= 14 else 6.5
     fig, ax = plt.subplots(figsize=(side + 0.5, side))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for t in range(n):

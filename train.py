@@ -204,11 +204,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--class-weights",
-        choices=("balanced", "none"),
-        default="balanced",
+        choices=("none", "balanced"),
+        default="none",
         help="balanced: weigh each training image by n / (classes x images of its class), so a class with few "
-        "images counts as much as one with many (equal classes: every weight 1); none: every image 1 "
-        "(default: %(default)s)",
+        "images counts as much as one with many; none: every image 1. On flowers cut to 100 and 200 photos in "
+        "two classes, none gave the higher macro-F1 with two seeds (README) (default: %(default)s)",
     )
     p.add_argument(
         "--precision",

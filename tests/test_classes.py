@@ -234,3 +234,20 @@ def test_balanced_weights_give_each_class_the_same_total():
     totals = [w[labels == c].sum() for c in range(3)]
     assert np.allclose(totals, len(labels) / 3) and w[labels == 1][0] == pytest.approx(5 * w[labels == 0][0])
     assert np.all(train.sample_weights(labels, 3, "none") == 1)
+
+
+def test_confusion_matrix_of_20_classes_keeps_cells_large_enough_to_read(tmp_path):
+    """Each class gets a cell of at least 40 px (the 2-class picture's cells are about 180 px)."""
+    from PIL import Image
+
+    import plot_history
+
+    names = [f"class {i} ünïcode" for i in range(20)]
+    predictions = []
+    for i in range(200):
+        true, predicted = names[i % 20], names[(i * 7) % 20 if i % 3 == 0 else i % 20]
+        probs = {n: (0.81 if n == predicted else 0.01) for n in names}
+        predictions.append({"path": "x.jpg", "true": true, "predicted": predicted, "probabilities": probs})
+    plot_history.plot_confusion(predictions, tmp_path)
+    with Image.open(tmp_path / "confusion.png") as img:
+        assert min(img.size) >= 20 * 40, img.size
