@@ -76,12 +76,13 @@ AUGMENTATION = dict(
 # The recipe was tuned on the cats-and-dogs split: 18,380 training images, 287 steps of 64 an epoch,
 # 30 epochs, a one-epoch warm-up, weight averaging over about 100 steps (0.99). `recipe` scales the settings
 # that depend on the data from there, so that split gets exactly those and a smaller one gets more epochs
-# (each sees fewer images), a warm-up of at least WARMUP_STEPS, an average over a third of its shorter
-# epoch, and stronger augmentation.
+# (each sees fewer images), a warm-up of at least WARMUP_STEPS, a weight average over about one of its
+# shorter epochs, BatchNorm statistics over a third of one, stronger augmentation and CutMix.
 REFERENCE_IMAGES = 18_380
 REFERENCE_EPOCHS = 30
 WARMUP_STEPS = 200
-EMA_EPOCHS = 0.35  # the averages' window, in epochs (1 / (1 - momentum) steps): weights and BatchNorm statistics
+BN_EPOCHS = 0.35  # BatchNorm statistics' window, in epochs (1 / (1 - momentum) steps)
+EMA_STEPS = 100  # the weight average's window: one epoch, at most this many steps
 MAX_SCALE = 3.0  # a split this many times smaller in square root gets at most 3x the epochs
 MAX_AUGMENT = 2.0  # and at most twice the warps
 MAX_CUTMIX = 0.5  # and CutMix on at most half of the batches
@@ -92,14 +93,13 @@ def recipe(train_images, batch_size, epochs=None):
     epochs: the number given by hand, which the warm-up then depends on."""
     steps = max(1, train_images // batch_size)
     scale = min(MAX_SCALE, max(1.0, (REFERENCE_IMAGES / max(train_images, 1)) ** 0.5))
-    momentum = round(min(0.99, 1 - 1 / max(10.0, EMA_EPOCHS * steps)), 3)
     epochs = epochs or round(REFERENCE_EPOCHS * scale)
     return {
         "epochs": epochs,
         # one epoch, or WARMUP_STEPS where that is at most a tenth of the run
         "warmup_steps": max(steps, min(WARMUP_STEPS, epochs * steps // 10)),
-        "ema": momentum,
-        "bn_momentum": momentum,
+        "ema": round(1 - 1 / max(10, min(EMA_STEPS, steps)), 2),
+        "bn_momentum": round(min(0.99, 1 - 1 / max(10.0, BN_EPOCHS * steps)), 3),
         "augment": round(min(MAX_AUGMENT, scale), 2),
         "cutmix": round(min(MAX_CUTMIX, (scale - 1) * MAX_CUTMIX / 2), 2),
     }
@@ -175,19 +175,24 @@ def parse_args(argv=None):
         f"{WARMUP_STEPS} where that is more and at most a tenth of the run)",
     )
     p.add_argument(
-        "--label-smoothing", type=float, default=0.05, help="targets 0/1 become e/2 and 1-e/2 (default: %(default)s)"
+        "--label-smoothing",
+        type=float,
+        default=0.05,
+        help="the targets move e of the way to uniform: 0/1 become e/2 and 1-e/2 for two classes, "
+        "e/N and 1-e+e/N for N (default: %(default)s)",
     )
     p.add_argument(
         "--ema",
         type=float,
         help="momentum of the moving average of the weights that is validated and saved; 0 turns it off "
-        f"(default: an average over {EMA_EPOCHS:g} of an epoch: 0.99 for 287 steps an epoch)",
+        f"(default: an average over one epoch, at most {EMA_STEPS} steps: 0.99 for 287 steps an epoch, 0.97 for 31)",
     )
     p.add_argument(
         "--bn-momentum",
         type=float,
         help="momentum of BatchNormalization's moving statistics, which validation and the saved model use "
-        "(default: as --ema: 0.99 for 287 steps an epoch, lower for fewer, so a small split's statistics keep up)",
+        f"(default: an average over {BN_EPOCHS:g} of an epoch, at most 0.99: 0.99 for 287 steps an epoch, 0.908 "
+        "for 31, so a small split's statistics keep up with its weights)",
     )
     p.add_argument(
         "--augment",
@@ -321,9 +326,10 @@ def targets(labels, classes):
 
 
 def sample_weights(labels, classes, how):
-    """Each training image's weight: balanced gives class c the weight n / (classes x n_c)."""
+    """Each training image's weight: balanced gives class c the weight n / (classes x n_c); none gives
+    None, so the batches carry no weights at all (the cats-and-dogs recipe as it was shipped)."""
     if how == "none":
-        return np.ones(len(labels), dtype="float32")
+        return None
     counts = np.bincount(labels, minlength=classes).astype("float64")
     return (len(labels) / (classes * np.maximum(counts, 1)))[labels].astype("float32")
 
@@ -390,11 +396,12 @@ def cutmix(images, y, w, seed, share):
     area = tf.reduce_mean(mask)
     other = tf.argsort(tf.random.stateless_uniform([n], s[4]))
     images = images * (1 - mask) + tf.gather(images, other) * mask
-    return images, (1 - area) * y + area * tf.gather(y, other), (1 - area) * w + area * tf.gather(w, other)
+    y = (1 - area) * y + area * tf.gather(y, other)
+    return (images, y) if w is None else (images, y, (1 - area) * w + area * tf.gather(w, other))
 
 
 def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0):
-    """tf.data batches (images, targets, weights) for epochs first_epoch.. (one epoch after the other,
+    """tf.data batches (images, targets[, weights]) for epochs first_epoch.. (one epoch after the other,
     each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them."""
     import tensorflow as tf
 
@@ -405,13 +412,15 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=
     side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
     number = np.arange(first_epoch * steps, len(sizes) * steps)
     seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
-    x, y, w = tf.convert_to_tensor(x), tf.convert_to_tensor(y), tf.convert_to_tensor(w)  # one copy in TensorFlow
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)  # one copy in TensorFlow
+    w = None if w is None else tf.convert_to_tensor(w)
 
     def batch(i, s, k):
         images = augment(resize(tf.gather(x, i), s), k, strength)
         if not mix:
-            return images, tf.gather(y, i), tf.gather(w, i)
-        return cutmix(images, tf.gather(y, i), tf.gather(w, i), tf.random.experimental.stateless_fold_in(k, 1), mix)
+            return (images, tf.gather(y, i)) if w is None else (images, tf.gather(y, i), tf.gather(w, i))
+        weights = None if w is None else tf.gather(w, i)
+        return cutmix(images, tf.gather(y, i), weights, tf.random.experimental.stateless_fold_in(k, 1), mix)
 
     epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(batch, num_parallel_calls=2)
     return epochs.prefetch(2)
@@ -450,7 +459,7 @@ def idg_batches(x, y, w, batch_size, seed, workers, strength):
             idx = self.order[i * batch_size : (i + 1) * batch_size]
             rng = np.random.default_rng([seed, self.epoch, i])
             batch = [generator.random_transform(x[j].astype("float32"), seed=int(rng.integers(2**31))) for j in idx]
-            return np.stack(batch), y[idx], w[idx]
+            return (np.stack(batch), y[idx]) if w is None else (np.stack(batch), y[idx], w[idx])
 
         def on_epoch_end(self):
             self.epoch += 1
