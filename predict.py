@@ -36,6 +36,7 @@ from utils import (
     load_image,
     names_of_keras_model,
     quiet_stderr,
+    read_labels,
     save_image_grid,
     unpack_labels,
 )
@@ -126,7 +127,7 @@ def load_model(path):
             "expected a model from train.py (square RGB images in, class probabilities out)"
         )
     if names is None and (path.parent / LABELS_FILE).is_file():
-        names = (path.parent / LABELS_FILE).read_text(encoding="utf-8").splitlines()
+        names = read_labels((path.parent / LABELS_FILE).read_bytes())
     if names is None:
         raise UserError(f"{path} carries no class names and has no {LABELS_FILE} beside it; retrain it with train.py")
     outputs = out_shape[1]

@@ -51,6 +51,7 @@ from utils import (
     fail,
     import_keras,
     is_disk_full,
+    labels_bytes,
     list_images,
     load_image,
     megabytes,
@@ -675,17 +676,21 @@ def finished_epochs(work):
 
 
 # --- the run ---------------------------------------------------------------------------
-def resolve_recipe(args):
-    """Fill the flags left unset with `recipe`'s values for this split; return the names of those derived."""
-    if not args.data.is_dir():
-        raise UserError(f"{args.data} does not exist; run `python prepare_data.py` first")
-    names, folders = split_classes(args.data)
+def read_split(data):
+    """(class names, [(paths, labels) of train, val, test]) of the split prepare_data.py wrote."""
+    if not data.is_dir():
+        raise UserError(f"{data} does not exist; run `python prepare_data.py` first")
+    names, folders = split_classes(data)
     if len(names) < 2:
         raise UserError(
-            f"{args.data / 'train'} has {len(names)} class folder(s); it needs two or more: run "
-            f"`python prepare_data.py --out {args.data}` first"
+            f"{data / 'train'} has {len(names)} class folder(s); it needs two or more: run "
+            f"`python prepare_data.py --out {data}` first"
         )
-    train_images = len(list_split(args.data, "train", folders)[0])
+    return names, [list_split(data, split, folders) for split in ("train", "val", "test")]
+
+
+def resolve_recipe(args, train_images):
+    """Fill the flags left unset with `recipe`'s values for this split; return the names of those derived."""
     derived = []
     for key, value in recipe(train_images, args.batch_size, args.epochs).items():
         if getattr(args, key) is None:
@@ -702,7 +707,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out, work = args.out, args.out / ".run"  # .run holds the unfinished run's backup and log
     try:
-        derived = resolve_recipe(args)
+        class_names, splits = read_split(args.data)
+        derived = resolve_recipe(args, len(splits[0][0]))
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RESUMABLE}
         if args.resume:
             if not (work / "config.json").exists():
@@ -714,7 +720,7 @@ def main(argv=None):
             if diff:
                 raise UserError(f"--resume needs the flags of the interrupted run: {', '.join(diff)}")
         with exclusive(out / ".lock", f"--out {out}"):
-            return train(args, out, work, config, derived)
+            return train(args, out, work, config, derived, class_names, splits)
     except Exception as e:
         if not isinstance(e, UserError) and not is_disk_full(e):
             raise
@@ -734,12 +740,10 @@ def main(argv=None):
         )
 
 
-def train(args, out, work, config, derived):
+def train(args, out, work, config, derived, class_names, splits):
     started = time.perf_counter()
 
-    # 1. data: the classes as prepare_data.py named them, then each split into memory
-    class_names, folders = split_classes(args.data)
-    splits = [list_split(args.data, split, folders) for split in ("train", "val", "test")]
+    # 1. data: each split (listed by read_split) into memory
     check_memory([len(paths) for paths, _ in splits], args.image_size, args.batch_size)
     x_train, y_train, _ = load_split(*splits[0], args.image_size)
     x_val, y_val, _ = load_split(*splits[1], args.image_size)
@@ -823,7 +827,7 @@ def train(args, out, work, config, derived):
 
     atomic_write(out / keras_file, final.save, need=4 * final.count_params())
     atomic_write(out / litert_file, lambda tmp: export_litert(final, tmp), need=4 * final.count_params(), staged=True)
-    atomic_write(out / LABELS_FILE, lambda tmp: Path(tmp).write_text("".join(f"{n}\n" for n in class_names)))
+    atomic_write(out / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(labels_bytes(class_names)))
     write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
     write_json(out / "metrics.json", history["metrics"])

@@ -388,6 +388,16 @@ def names_of_keras_model(model):
     return layers[-1].names if layers else None
 
 
+def labels_bytes(class_names):
+    """labels.txt: one class name a line, in output order, UTF-8 (beside the models and inside the .tflite)."""
+    return "".join(f"{name}\n" for name in class_names).encode("utf-8")
+
+
+def read_labels(data):
+    """The class names of labels.txt's bytes."""
+    return data.decode("utf-8").splitlines()
+
+
 def pack_labels(tflite_path, class_names):
     """Append labels.txt to a .tflite file as an associated file, the way LiteRT's metadata tools
     (Model Maker, Teachable Machine) pack them: a zip archive after the flatbuffer, which the
@@ -395,7 +405,7 @@ def pack_labels(tflite_path, class_names):
     import zipfile
 
     with zipfile.ZipFile(tflite_path, "a") as zf:
-        zf.writestr(LABELS_FILE, "".join(f"{name}\n" for name in class_names))
+        zf.writestr(LABELS_FILE, labels_bytes(class_names))
 
 
 def unpack_labels(tflite_path):
@@ -404,7 +414,7 @@ def unpack_labels(tflite_path):
 
     try:
         with zipfile.ZipFile(tflite_path) as zf:
-            return zf.read(LABELS_FILE).decode("utf-8").splitlines()
+            return read_labels(zf.read(LABELS_FILE))
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, OSError):
         return None
 
