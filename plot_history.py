@@ -5,7 +5,9 @@
 
 Writes accuracy.png and loss.png (train vs validation per epoch, the best
 validation epoch marked) and, when train.py saved test_predictions.json beside
-the history, confusion.png and mistakes.png for the test split.
+the history, confusion.png and mistakes.png for the test split: each mistake with
+the heat map of where the model looked for the class it wrongly chose (read from
+the model file beside the history, as predict.py --explain draws it).
 """
 
 import argparse
@@ -19,7 +21,17 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils import MODEL_DIR, UserError, fail, open_image, save_figure, save_image_grid  # noqa: E402
+from utils import (  # noqa: E402
+    MODEL_DIR,
+    UserError,
+    blend,
+    fail,
+    heat_map,
+    load_image,
+    probabilities_and_maps,
+    save_figure,
+    save_image_grid,
+)
 
 
 def parse_args(argv=None):
@@ -116,19 +128,38 @@ def plot_confusion(predictions, out):
     save_figure(fig, out / "confusion.png")
 
 
-def plot_mistakes(predictions, out, n):
-    """The test images the model gets most confidently wrong, titled true -> predicted p."""
+def explainer(folder):
+    """The model that train.py saved in folder, ready to draw heat maps (predict.load_model), or None with a note."""
+    from predict import load_model
+
+    try:
+        return load_model(folder, explain=True)
+    except UserError as e:
+        print(f"mistakes.png without heat maps: {e}", file=sys.stderr)
+        return None
+
+
+def plot_mistakes(predictions, out, n, model=None):
+    """The test images the model gets most confidently wrong, titled true -> predicted p, each under the
+    heat map of where the model looked for the class it chose (when the model is given)."""
     names, true, pred, prob = read_predictions(predictions)
     wrong = [i for i in np.argsort(-prob, kind="stable") if true[i] != pred[i]]
     wrong = [i for i in wrong if Path(predictions[i]["path"]).exists()][:n]
     if not wrong:
         print("no wrong predictions to draw (or their images are gone); skipped mistakes.png")
         return
-    images = [open_image(predictions[i]["path"]) for i in wrong]
+    size = model.size if model else 160
+    images = np.stack([load_image(predictions[i]["path"], size) for i in wrong])  # as the model saw them
+    title = "Most confident mistakes on the test split (true → predicted p)"
+    if model is not None and model.names != names:
+        print(f"mistakes.png without heat maps: the model beside the history names {model.names}", file=sys.stderr)
+        model = None
+    if model is not None:
+        _, maps = probabilities_and_maps(model.explain, images)
+        images = [blend(img, heat_map(m[:, :, pred[i]], size)) for img, m, i in zip(images, maps, wrong, strict=True)]
+        title = "Most confident mistakes on the test split (true → predicted p), where the model looked"
     titles = [f"{names[true[i]][:16]} → {names[pred[i]][:16]} {prob[i]:.2f}" for i in wrong]
-    save_image_grid(
-        images, titles, "Most confident mistakes on the test split (true → predicted p)", out / "mistakes.png"
-    )
+    save_image_grid(list(images), titles, title, out / "mistakes.png", heat_legend=model is not None)
 
 
 def main(argv=None):
@@ -140,7 +171,7 @@ def main(argv=None):
         if predictions_path.exists():
             predictions = read_json(predictions_path, "list of test predictions")
             plot_confusion(predictions, out)
-            plot_mistakes(predictions, out, args.mistakes)
+            plot_mistakes(predictions, out, args.mistakes, explainer(args.history.parent))
     except UserError as e:
         fail(str(e))
 

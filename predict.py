@@ -4,6 +4,7 @@
     python predict.py examples/ more/photos --json
     python predict.py examples/ --show grid.png
     python predict.py flowers/ --model models/flowers --top 3
+    python predict.py photo.jpg --explain       # and where the model looked: explained/photo.jpg
 
 PATH may be an image or a folder (searched recursively for .jpg .jpeg .png .bmp
 .gif .webp, any case). The class names come from inside the model file. Exit status:
@@ -15,8 +16,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,13 +31,20 @@ from utils import (
     MODEL_FILE,
     BadImage,
     UserError,
+    atomic_write,
+    blend,
     class_names_layer,
     class_probabilities,
+    explaining_model,
     fail,
+    heat_colors,
+    heat_map,
+    heat_palette,
     import_keras,
     list_images,
     load_image,
     names_of_keras_model,
+    probabilities_and_maps,
     quiet_stderr,
     read_labels,
     save_image_grid,
@@ -67,6 +77,19 @@ def parse_args(argv=None):
         help="print the K most probable classes of each image, best first (default: %(default)s)",
     )
     p.add_argument("--show", type=Path, metavar="OUT.png", help="also draw the images with their labels into OUT.png")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="show where the model looked for the label it chose (a Grad-CAM heat map over the photo): one JPEG "
+        'per image in --explain-dir, and over the --show grid; --json rows gain "explained" and "heat_peak"',
+    )
+    p.add_argument(
+        "--explain-dir",
+        type=Path,
+        default=Path("explained"),
+        metavar="DIR",
+        help="folder for --explain's pictures, one <image name>.jpg each (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be at least 1")
@@ -113,14 +136,25 @@ def model_in(folder):
     raise UserError(f"{folder} holds no single .keras or .tflite model; pass --model FILE")
 
 
-def load_model(path):
-    """(run, image size, class names): run(batch of uint8 images) -> the model's outputs, from a .keras or
-    .tflite file that carries its class names (or has labels.txt beside it)."""
+class Loaded(NamedTuple):
+    """A model ready to predict: run(batch of uint8 images) -> its outputs; explain(batch) -> (outputs, each
+    output's Grad-CAM map), or None when not asked for or the file has no maps (utils.explaining_model)."""
+
+    run: Callable
+    size: int
+    names: list
+    explain: Callable | None
+
+
+def load_model(path, explain=False):
+    """The Loaded model of a .keras or .tflite file that carries its class names (or has labels.txt beside
+    it); explain: also its heat maps (UserError when the file cannot give them)."""
     if path.is_dir():
         path = model_in(path)
     if not path.is_file():
         raise UserError(f"model {path} not found; train one with `python train.py` or pass --model FILE")
-    run, shape, out_shape, names = load_litert(path) if path.suffix.lower() == ".tflite" else load_keras(path)
+    load = load_litert if path.suffix.lower() == ".tflite" else load_keras
+    run, shape, out_shape, names, explainer = load(path, explain)
     if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or not shape[1] or len(out_shape) != 2:
         raise UserError(
             f"{path} takes input {tuple(shape)} and gives {tuple(out_shape)}; "
@@ -136,10 +170,15 @@ def load_model(path):
             f"{path} gives {outputs} output(s) but names {len(names)} classes ({', '.join(names[:5])}"
             f"{', ...' if len(names) > 5 else ''}); its class names do not match its outputs"
         )
-    return run, int(shape[1]), list(names)
+    if explain and explainer is None:
+        raise UserError(
+            f"{path} has no heat maps (a LiteRT file from before --explain, or a model not built by train.py); "
+            f"export it again with `python train.py --export {path.with_suffix('.keras')}` or pass its .keras file"
+        )
+    return Loaded(run, int(shape[1]), list(names), explainer if explain else None)
 
 
-def load_keras(path):
+def load_keras(path, explain=False):
     keras = import_keras()
     class_names_layer()  # registers the layer that carries the names, so load_model finds it
     try:
@@ -149,7 +188,7 @@ def load_keras(path):
             f"{path} is not a Keras model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
         ) from None
     if isinstance(model.input_shape, list) or isinstance(model.output_shape, list):
-        return None, (), (), None
+        return None, (), (), None, None
 
     def run(batch):
         """Full batches run through Keras's compiled predict step (about 2x faster here once traced);
@@ -158,11 +197,24 @@ def load_keras(path):
             return np.asarray(model.predict_on_batch(batch))
         return model(batch, training=False).numpy()
 
-    return run, tuple(model.input_shape), tuple(model.output_shape), names_of_keras_model(model)
+    explain_run = None
+    if explain:
+        try:
+            explainer = explaining_model(model)
+        except ValueError:  # not the network of utils.build_model
+            explainer = None
+        if explainer is not None:
+
+            def explain_run(batch):
+                outputs = explainer.predict_on_batch(batch) if len(batch) == BATCH else explainer(batch, training=False)
+                return tuple(np.asarray(o) for o in outputs)
+
+    return run, tuple(model.input_shape), tuple(model.output_shape), names_of_keras_model(model), explain_run
 
 
-def load_litert(path):
-    """The LiteRT interpreter of a .tflite file (numpy in, numpy out; TensorFlow is never imported)."""
+def load_litert(path, explain=False):
+    """The LiteRT interpreter of a .tflite file (numpy in, numpy out; TensorFlow is never imported). train.py's
+    files have two outputs: the class probabilities, and the heat maps (4-D) that --explain draws."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -173,16 +225,18 @@ def load_litert(path):
     try:
         with quiet_stderr():  # LiteRT prints its delegate notice, and its own error, to stderr
             interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
-        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+        (inp,), outs = interpreter.get_input_details(), interpreter.get_output_details()
+        (out,) = [o for o in outs if len(o["shape"]) != 4] or [None]
+        maps = ([o for o in outs if len(o["shape"]) == 4] or [None])[0]
     except Exception as e:
         raise UserError(
             f"{path} is not a LiteRT model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
         ) from None
-    if inp["dtype"] != np.float32:
-        return None, (), (), None
+    if inp["dtype"] != np.float32 or out is None or len(outs) > 2:
+        return None, (), (), None, None
     batch_of = [None]
 
-    def run(batch):
+    def invoke(batch):
         if batch_of[0] != len(batch):  # the interpreter plans its memory for one batch size
             interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
             with quiet_stderr():  # the XNNPACK delegate announces itself here
@@ -190,13 +244,22 @@ def load_litert(path):
             batch_of[0] = len(batch)
         interpreter.set_tensor(inp["index"], np.asarray(batch, dtype=np.float32))
         interpreter.invoke()
+
+    def run(batch):
+        invoke(batch)
         return interpreter.get_tensor(out["index"]).copy()
 
-    return run, tuple(inp["shape"]), tuple(out["shape"]), unpack_labels(path)
+    def explain_run(batch):
+        invoke(batch)
+        return interpreter.get_tensor(out["index"]).copy(), interpreter.get_tensor(maps["index"]).copy()
+
+    explainer = explain_run if maps is not None else None
+    return run, tuple(inp["shape"]), tuple(out["shape"]), unpack_labels(path), explainer
 
 
-def predict(files, run, size):
-    """Yield (path, class probabilities or None, error or None, image or None) for each file, in order."""
+def predict(files, run, size, explain=None):
+    """Yield (path, class probabilities or None, error or None, image or None, class maps or None) for each
+    file, in order; the maps (h x w x classes, utils.probabilities_and_maps) when explain is given."""
 
     def read(path):
         try:
@@ -214,9 +277,13 @@ def predict(files, run, size):
             # decode the next batch while the model works on this one (two batches in memory at most)
             pending = [pool.submit(read, path) for path in chunks[n + 1]] if n + 1 < len(chunks) else []
             good = [img for img, _ in loaded if img is not None]
-            probs = iter(class_probabilities(run, np.stack(good))) if good else iter(())
+            probs, maps = iter(()), iter(())
+            if good and explain:
+                probs, maps = map(iter, probabilities_and_maps(explain, np.stack(good)))
+            elif good:
+                probs = iter(class_probabilities(run, np.stack(good)))
             for path, (img, error) in zip(chunk, loaded, strict=True):
-                yield path, (None if error else next(probs)), error, img
+                yield path, (None if error else next(probs)), error, img, (None if error or not explain else next(maps))
 
 
 def rounded(probs, names):
@@ -232,46 +299,116 @@ def ranked(probs):
     return sorted(probs.items(), key=lambda item: -item[1])
 
 
-def show(results, out):
-    """Draw the predicted images (as the model saw them) in a grid with label and probability."""
+def show(results, out, explained=False):
+    """Draw the predicted images (as the model saw them) in a grid with label and probability; explained:
+    each with the heat map of where the model looked, and a colour bar."""
     if results:
-        titles = [f"{label} {p:.0%}\n{Path(path).name[:24]}" for path, label, p, _ in results]
-        save_image_grid([img for *_, img in results], titles, f"Predictions of {len(results)} images", out, cols=6)
+        titles = [f"{label} {p:.0%}\n{Path(path).name[:24]}" for path, label, p, *_ in results]
+        images = [blend(img, heat) if explained else img for _, _, _, img, heat in results]
+        title = f"{'Where the model looked: ' if explained else 'Predictions of '}{len(results)} images"
+        save_image_grid(images, titles, title, out, cols=6, heat_legend=explained)
+
+
+SCALE = 2  # --explain's pictures draw the model's 160 px view at twice its size
+
+
+def picture(img, class_map, title):
+    """One explained image: the photo as the model saw it and, beside it, the same under the heat map of the
+    label's class_map, a title, and a colour bar that says what the colours mean."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    side = img.shape[0] * SCALE
+    pad, top, bar = 8, 30, 34
+    canvas = Image.new("RGB", (2 * side + 3 * pad, top + side + bar), "white")
+    photo = Image.fromarray(img).resize((side, side), Image.BILINEAR)
+    canvas.paste(photo, (pad, top))
+    canvas.paste(Image.fromarray(blend(np.asarray(photo), heat_map(class_map, side))), (2 * pad + side, top))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=15)
+    draw.text((pad, 7), title, fill="black", font=font)
+    x0, x1, y = 2 * pad + side, 2 * pad + 2 * side, top + side + 6
+    canvas.paste(Image.fromarray(heat_colors(np.linspace(0, 1, x1 - x0)[None].repeat(8, 0))), (x0, y))
+    small = ImageFont.load_default(size=12)
+    draw.text((x0, y + 10), "looked less", fill="black", font=small)
+    draw.text((x1, y + 10), "looked most", fill="black", font=small, anchor="ra")
+    return canvas
+
+
+def write_picture(path, img, class_map, title):
+    """Draw one explained picture and save it whole, as JPEG: 40 kB and under a millisecond (a PNG is 5x
+    larger and 20x slower to write, which a folder of thousands of photos feels)."""
+    image = picture(img, class_map, title)
+    atomic_write(path, lambda tmp: image.save(tmp, "JPEG", quality=90))
+
+
+def picture_path(folder, path, taken):
+    """folder/<image name>.jpg, numbered when two images of the run share a name."""
+    stem, n = Path(path).stem, 1
+    name = f"{stem}.jpg"
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.jpg"
+    taken.add(name)
+    return folder / name
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         files = collect(args.paths)
-        run, size, names = load_model(args.model or default_model())
+        model = load_model(args.model or default_model(), explain=args.explain)
+        if args.explain:
+            heat_palette()  # matplotlib's colour map: a clear message where only requirements-predict.txt is
+            args.explain_dir.mkdir(parents=True, exist_ok=True)
     except UserError as e:
         fail(str(e))
-    failed, kept = 0, []
-    for path, probs, error, img in predict(files, run, size):
-        if error:
-            failed += 1
-            print(json.dumps({"path": str(path), "error": error}) if args.json else f"{path}\terror: {error}")
-            print(f"error: {path}: {error}", file=sys.stderr)
-            continue
-        probs = rounded(probs, names)
-        best = ranked(probs)[: args.top]
-        label, p = best[0]
-        if args.json:
+    except OSError as e:  # --explain-dir cannot be made
+        fail(f"cannot write pictures to {args.explain_dir}: {e.strerror}")
+    names, failed, kept, taken = model.names, 0, [], set()
+    with ThreadPoolExecutor(1) as drawer:  # draws and writes the pictures while the model works on
+        writing = []
+        for path, probs, error, img, maps in predict(files, model.run, model.size, model.explain):
+            if error:
+                failed += 1
+                print(json.dumps({"path": str(path), "error": error}) if args.json else f"{path}\terror: {error}")
+                print(f"error: {path}: {error}", file=sys.stderr)
+                continue
+            probs = rounded(probs, names)
+            best = ranked(probs)[: args.top]
+            label, p = best[0]
             row = {"path": str(path), "label": label, "probabilities": probs}
             if len(names) == 2:  # the two-class contract: dog_probability for cats and dogs
                 row[f"{names[1]}_probability"] = probs[names[1]]
             if args.top > 1:
                 row["top"] = [{"label": n, "probability": q} for n, q in best]
-            print(json.dumps(row, ensure_ascii=False))
-        else:
-            print(f"{path}\t" + "\t".join(f"{n}\t{q:.3f}" for n, q in best))
-        if args.show and len(kept) < 64:
-            kept.append((path, label, p, img))
-    if args.show:
+            heat = None
+            if args.explain:
+                class_map = maps[:, :, names.index(label)]
+                heat = heat_map(class_map, model.size)
+                y, x = np.unravel_index(np.argmax(heat), heat.shape)
+                out = picture_path(args.explain_dir, path, taken)
+                row["explained"] = str(out)
+                row["heat_peak"] = [round((x + 0.5) / model.size, 4), round((y + 0.5) / model.size, 4)]
+                title = f"{label} {p:.0%}: where the model looked ({Path(path).name[:40]})"
+                writing.append(drawer.submit(write_picture, out, img, class_map, title))
+                if len(writing) > 2 * BATCH:  # a full disk stops the run early, not after every image
+                    writing.pop(0).result()
+            if args.json:
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                print(f"{path}\t" + "\t".join(f"{n}\t{q:.3f}" for n, q in best))
+            if args.show and len(kept) < 64:
+                kept.append((path, label, p, img, heat))
         try:
-            show(kept, args.show)
+            for job in writing:
+                job.result()
+            if args.show:
+                show(kept, args.show, explained=args.explain)
         except UserError as e:  # a full disk, say
+            drawer.shutdown(cancel_futures=True)
             fail(str(e))
+    if args.explain:
+        print(f"wrote {len(taken)} explained pictures to {args.explain_dir}/", file=sys.stderr)
     return 1 if failed else 0
 
 

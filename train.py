@@ -45,10 +45,14 @@ from utils import (
     available_memory,
     build_model,
     check_space,
+    choose_precision,
+    class_names_layer,
     cpu_has_bf16,
     cpu_model,
     exclusive,
+    explaining_model,
     fail,
+    gpu_facts,
     import_keras,
     is_disk_full,
     labels_bytes,
@@ -218,10 +222,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--precision",
-        choices=("auto", "float32", "mixed_bfloat16"),
+        choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"),
         default="auto",
-        help="compute type: auto = mixed_bfloat16 on CPUs with AVX512_BF16 or AMX, float32 elsewhere "
-        "(default: %(default)s)",
+        help="compute type: auto = mixed_float16 on GPUs of compute capability 7.0 or more, float32 on older "
+        "GPUs, and without a GPU mixed_bfloat16 on CPUs with AVX512_BF16 or AMX, float32 elsewhere "
+        "(utils.choose_precision; default: %(default)s)",
     )
     p.add_argument(
         "--engine",
@@ -247,6 +252,13 @@ def parse_args(argv=None):
         "without it, an unfinished run there is discarded and training starts afresh",
     )
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUT/logs")
+    p.add_argument(
+        "--export",
+        type=Path,
+        metavar="MODEL.keras",
+        help="train nothing: write the LiteRT copy (.tflite, with heat maps and class names) of a .keras model "
+        "from train.py beside it, e.g. to refresh a .tflite from before predict.py --explain",
+    )
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "image_size", "workers", "warmup_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -703,6 +715,11 @@ def resolve_recipe(args, train_images):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.export:
+        try:
+            return export_step(args.export)
+        except UserError as e:
+            fail(str(e))
     # Ctrl-C must reach us even when started from a shell that ignores it (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out, work = args.out, args.out / ".run"  # .run holds the unfinished run's backup and log
@@ -765,7 +782,8 @@ def train(args, out, work, config, derived, class_names, splits):
 
     keras = import_keras()
     keras.utils.set_random_seed(args.seed)
-    precision = args.precision if args.precision != "auto" else "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    gpus = gpu_facts()
+    precision = args.precision if args.precision != "auto" else choose_precision(gpus, cpu_has_bf16())
     keras.mixed_precision.set_global_policy(precision)
     # 2. model, batches
     sizes = image_sizes(args.image_size, args.epochs, args.progressive)
@@ -811,7 +829,10 @@ def train(args, out, work, config, derived, class_names, splits):
     final.set_weights(model.get_weights())
     plain, both = plain_and_mirrored(batched(final), x_test)
     prob = both if MIRROR_TTA else plain  # what utils.class_probabilities, and so predict.py, gives
-    history = metrics_of(args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val), class_names)
+    device = ", ".join(f"{name} (compute capability {'.'.join(map(str, cc or ('?',)))})" for name, cc in gpus) or "cpu"
+    history = metrics_of(
+        args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val), class_names, device
+    )
 
     # 5. save, each file whole or not at all
     predictions = [
@@ -826,7 +847,7 @@ def train(args, out, work, config, derived, class_names, splits):
     keras_file, litert_file = model_files(class_names)
 
     atomic_write(out / keras_file, final.save, need=4 * final.count_params())
-    atomic_write(out / litert_file, lambda tmp: export_litert(final, tmp), need=4 * final.count_params(), staged=True)
+    atomic_write(out / litert_file, lambda tmp: export_litert(final, tmp), need=8 * final.count_params(), staged=True)
     atomic_write(out / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(labels_bytes(class_names)))
     write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
@@ -842,18 +863,39 @@ def train(args, out, work, config, derived, class_names, splits):
 
 
 def export_litert(model, path):
-    """The model as a LiteRT (.tflite) file with built-in ops only, for predict.py without TensorFlow,
-    with the model's class names packed inside as labels.txt."""
+    """The model as a LiteRT (.tflite) file with built-in ops only, for predict.py without TensorFlow: two
+    outputs, the model's and its classes' heat maps (utils.explaining_model), and the class names packed
+    inside as labels.txt."""
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's signature
+        try:
+            model = explaining_model(model)
+        except ValueError:  # not train.py's network (tests make such files): no heat maps to add
+            pass
         model.export(path, format="litert", verbose=False)
     names = names_of_keras_model(model)
     if names:
         pack_labels(path, names)
 
 
-def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, val_images, class_names):
+def export_step(keras_path):
+    """train.py --export: the .tflite of a saved .keras model, written beside it."""
+    keras = import_keras()
+    class_names_layer()  # registers the layer that carries the names
+    if not keras_path.is_file() or keras_path.suffix.lower() != ".keras":
+        raise UserError(f"--export takes a .keras model file from train.py; {keras_path} is not one")
+    try:
+        model = keras.models.load_model(keras_path, compile=False)
+        explaining_model(model)
+    except Exception as e:  # a user's file can fail to load in many ways
+        raise UserError(f"{keras_path} is not a model from train.py ({type(e).__name__}: {e})") from None
+    litert = keras_path.with_suffix(".tflite")
+    atomic_write(litert, lambda tmp: export_litert(model, tmp), need=8 * model.count_params(), staged=True)
+    print(f"wrote {litert}")
+
+
+def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, val_images, class_names, device):
     """history.json (per epoch) and metrics.json (the saved model on the test split)."""
     keys = [
         "accuracy",
@@ -894,6 +936,7 @@ def metrics_of(args, log, prob, plain, y_test, final, precision, train_images, v
         "parameters": final.count_params(),
         "precision": precision,
         "engine": args.engine,
+        "device": device,
         "cpu": cpu_model(),
     }
     return {"history": history, "metrics": metrics}
