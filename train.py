@@ -39,7 +39,9 @@ from utils import (
     LABELS_FILE,
     MIRROR_TTA,
     MODEL_DIR,
+    SPLITS,
     DiskFull,
+    Progress,
     UserError,
     atomic_write,
     available_memory,
@@ -63,6 +65,7 @@ from utils import (
     names_of_keras_model,
     pack_labels,
     plain_and_mirrored,
+    quiet_stderr,
     split_classes,
     write_json,
 )
@@ -251,6 +254,19 @@ def parse_args(argv=None):
         help="continue the unfinished run in --out from its last finished epoch (same flags required); "
         "without it, an unfinished run there is discarded and training starts afresh",
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train data-parallel on N devices (tf.distribute.MirroredStrategy; --batch-size is split between "
+        "them): N GPUs, or on a machine without one, N logical devices of its CPU (default: every GPU, else 1)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the images from disk each epoch (decoded once into DATA/.cache) instead of holding them in "
+        "memory; train.py does so by itself when they do not fit",
+    )
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUT/logs")
     p.add_argument(
         "--export",
@@ -260,7 +276,7 @@ def parse_args(argv=None):
         "from train.py beside it, e.g. to refresh a .tflite from before predict.py --explain",
     )
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "image_size", "workers", "warmup_steps"):
+    for name in ("epochs", "batch_size", "image_size", "workers", "warmup_steps", "devices"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_size < 32:
@@ -277,6 +293,8 @@ def parse_args(argv=None):
         p.error("--engine idg does not mix batches; add --cutmix 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= (args.ema or 0) < 1 or not 0 <= (args.bn_momentum or 0) < 1:
         p.error("--label-smoothing, --ema and --bn-momentum must be in [0, 1)")
+    if args.devices and args.batch_size % args.devices:
+        p.error(f"--batch-size {args.batch_size} must split evenly between --devices {args.devices}")
     if args.engine == "idg" and args.progressive:
         p.error("--engine idg trains at one size; add --progressive 0")
     return args
@@ -305,22 +323,95 @@ def list_split(data, split, folders):
     return paths, labels
 
 
-def check_memory(counts, size, batch_size):
-    """Refuse, before loading, when the splits and a training step will not fit in the memory available."""
+def check_memory(counts, size, batch_size, stream=False):
+    """True when the splits fit in memory beside a training step; False when only streaming them from disk
+    fits (or stream is asked for); UserError, before loading, when not even a streamed step fits."""
 
-    def need(s):
-        images = (2 * counts[0] + sum(counts[1:])) * s * s * 3  # the training split twice (numpy, TensorFlow)
+    def need(s, streamed):
+        images = 0 if streamed else (2 * counts[0] + sum(counts[1:])) * s * s * 3  # train twice (numpy, TF)
         activations = batch_size * s * s * 1000  # what one step keeps for its backward pass, about 1 kB a pixel
         return images + activations + 1.5e9  # and TensorFlow itself
 
     available = available_memory()
-    if available is not None and need(size) > available:
-        smaller = next((s for s in (192, 160, 128, 96, 64, 48, 32) if s < size and need(s) <= available), None)
-        hint = f"lower --image-size ({smaller} px needs {megabytes(need(smaller))})" if smaller else "free memory"
-        raise UserError(
-            f"training on {sum(counts):,} images at {size} px, {batch_size} a step, needs about "
-            f"{megabytes(need(size))} of memory and {megabytes(available)} is available; {hint}"
-        )
+    if available is None or need(size, stream) <= available:
+        return not stream
+    if need(size, True) <= available:
+        return False
+    smaller = next((s for s in (192, 160, 128, 96, 64, 48, 32) if s < size and need(s, True) <= available), None)
+    hint = f"lower --image-size ({smaller} px needs {megabytes(need(smaller, True))})" if smaller else "free memory"
+    raise UserError(
+        f"training at {size} px, {batch_size} a step, needs about {megabytes(need(size, True))} of memory "
+        f"even with the images streamed from disk, and {megabytes(available)} is available; {hint}"
+    )
+
+
+class DiskImages:
+    """A split decoded once into a cache file of size x size x 3 uint8 pixels per image, read back by index
+    (like an array: x[indices], x[i:j], len(x), x.shape). For splits larger than memory: reads go through
+    os.pread, so nothing read stays in the process's memory, and worker processes may share it."""
+
+    def __init__(self, path, count, size):
+        self.path, self.shape, self.record = Path(path), (count, size, size, 3), size * size * 3
+        self.fd, self.pid = None, None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getstate__(self):
+        return {**self.__dict__, "fd": None, "pid": None}  # a worker opens its own
+
+    def read(self, first, count):
+        if self.pid != os.getpid():
+            self.fd, self.pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self.fd, count * self.record, first * self.record)
+        if len(data) != count * self.record:
+            raise UserError(f"{self.path} is cut short; remove it and train again to rebuild it")
+        return np.frombuffer(data, np.uint8).reshape(count, *self.shape[1:])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return self.read(start, max(stop - start, 0))[::step].copy()
+        return np.stack([self.read(int(i), 1)[0] for i in np.asarray(index)]) if len(index) else self.read(0, 0)
+
+
+def cache_split(paths, labels, size, data, split):
+    """One split decoded at size into data/.cache (once: a later run with the same files reuses it), as
+    (DiskImages, labels, paths). The file is written whole or not at all, with progress shown."""
+    import hashlib
+
+    stamp = hashlib.sha256(
+        "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths).encode()
+    ).hexdigest()[:16]
+    path = data / ".cache" / f"{split}-{size}px-{len(paths)}-{stamp}.u8"
+    if not path.exists():
+        for old in path.parent.glob(f"{split}-{size}px-*.u8"):  # the same split's cache of other files
+            old.unlink()
+        progress = Progress(len(paths), f"decoding {split} to {path}")
+
+        def write(tmp):
+            with open(tmp, "wb") as f, ThreadPoolExecutor() as pool:
+                for i in range(0, len(paths), 256):
+                    for image in pool.map(lambda p: load_image(p, size), paths[i : i + 256]):
+                        f.write(image.tobytes())
+                    progress.update(len(paths[i : i + 256]))
+
+        atomic_write(path, write, need=len(paths) * size * size * 3)
+    return DiskImages(path, len(paths), size), np.array(labels, dtype="int32"), paths
+
+
+def chunks(images, size=None, n=512):
+    """The images (array or DiskImages) n at a time, as float32 at side length size (default: as they are)."""
+    for i in range(0, len(images), n):
+        chunk = images[i : i + n]
+        yield chunk if size in (None, chunk.shape[1]) else resize(chunk, size).numpy()
+
+
+def evaluate(model, images, size=None):
+    """(plain, mirror-averaged) class probabilities of the images (utils.plain_and_mirrored), a chunk at a
+    time, so a streamed split never sits in memory whole."""
+    parts = [plain_and_mirrored(batched(model), chunk) for chunk in chunks(images, size)]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([b for _, b in parts])
 
 
 def load_split(paths, labels, size):
@@ -425,11 +516,29 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=
     side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
     number = np.arange(first_epoch * steps, len(sizes) * steps)
     seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
-    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)  # one copy in TensorFlow
+    y = tf.convert_to_tensor(y)
     w = None if w is None else tf.convert_to_tensor(w)
+    if isinstance(x, DiskImages):  # streamed: each batch read from the cache file
+
+        def read(i):
+            order = np.argsort(i)
+            images = np.empty((len(i), *x.shape[1:]), np.uint8)
+            images[order] = x[i[order]]  # read in file order, handed back in the batch's order
+            return images
+
+        def gather(i):
+            images = tf.numpy_function(read, [i], tf.uint8)
+            images.set_shape([None, *x.shape[1:]])
+            return images
+
+    else:
+        x = tf.convert_to_tensor(x)  # one copy in TensorFlow
+
+        def gather(i):
+            return tf.gather(x, i)
 
     def batch(i, s, k):
-        images = augment(resize(tf.gather(x, i), s), k, strength)
+        images = augment(resize(gather(i), s), k, strength)
         if not mix:
             return (images, tf.gather(y, i)) if w is None else (images, tf.gather(y, i), tf.gather(w, i))
         weights = None if w is None else tf.gather(w, i)
@@ -485,6 +594,28 @@ def idg_batches(x, y, w, batch_size, seed, workers, strength):
 def widths(multiplier):
     """Filters of the four blocks: utils.build_model's 32, 64, 128, 256 times --width."""
     return tuple(max(8, round(w * multiplier)) for w in (32, 64, 128, 256))
+
+
+def training_strategy(devices):
+    """(tf.distribute strategy, the devices' names) for --devices: None for one device; several GPUs, or
+    several logical devices of the one CPU (which TensorFlow must be told before it starts its devices)."""
+    with quiet_stderr():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+    n = devices or max(len(gpus), 1)
+    if gpus and n > len(gpus):
+        raise UserError(f"--devices {n}: this machine has {len(gpus)} GPU(s)")
+    if n == 1:
+        return None, ["/gpu:0" if gpus else "/cpu:0"]
+    if gpus:
+        names = [f"/gpu:{i}" for i in range(n)]
+    else:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        names = [f"/cpu:{i}" for i in range(n)]
+    with quiet_stderr():
+        return tf.distribute.MirroredStrategy(names), names
 
 
 def compile_model(args, steps, class_names):
@@ -587,11 +718,10 @@ def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
 
         def on_epoch_end(self, epoch, logs):
             size = sizes[epoch]
-            if size not in val_at:
+            if size not in val_at and isinstance(x_val, np.ndarray):  # in memory: resized once per size
                 val_at[size] = resize(x_val, size).numpy() if size != x_val.shape[1] else x_val
-            images = val_at[size]
-            with averaged_weights(model):
-                plain, both = plain_and_mirrored(batched(model), images)  # both kinds logged: one pass each
+            with averaged_weights(model):  # both kinds logged: one pass each
+                plain, both = evaluate(model, val_at.get(size, x_val), size)
             chosen = both if MIRROR_TTA else plain  # what utils.class_probabilities gives
             logs.update(
                 val_accuracy=accuracy(chosen, y_val),
@@ -760,11 +890,19 @@ def main(argv=None):
 def train(args, out, work, config, derived, class_names, splits):
     started = time.perf_counter()
 
-    # 1. data: each split (listed by read_split) into memory
-    check_memory([len(paths) for paths, _ in splits], args.image_size, args.batch_size)
-    x_train, y_train, _ = load_split(*splits[0], args.image_size)
-    x_val, y_val, _ = load_split(*splits[1], args.image_size)
-    x_test, y_test, test_paths = load_split(*splits[2], args.image_size)
+    strategy, devices = training_strategy(args.devices)  # first: TensorFlow must not have started its devices
+
+    # 1. data: each split (listed by read_split) into memory, or, when that does not fit (or --stream),
+    # decoded once into a cache on disk that each batch is read from
+    in_memory = check_memory([len(paths) for paths, _ in splits], args.image_size, args.batch_size, args.stream)
+    if in_memory:
+        loaded = [load_split(*split, args.image_size) for split in splits]
+    else:
+        print(f"streaming the splits from {args.data / '.cache'} (--stream, or they do not fit in memory)")
+        loaded = [
+            cache_split(*split, args.image_size, args.data, name) for split, name in zip(splits, SPLITS, strict=True)
+        ]
+    (x_train, y_train, _), (x_val, y_val, _), (x_test, y_test, test_paths) = loaded
     if len(x_train) < args.batch_size:
         raise UserError(
             f"{args.data}/train has {len(x_train)} images, fewer than --batch-size {args.batch_size}; "
@@ -788,7 +926,8 @@ def train(args, out, work, config, derived, class_names, splits):
     # 2. model, batches
     sizes = image_sizes(args.image_size, args.epochs, args.progressive)
     steps = len(x_train) // args.batch_size
-    model = compile_model(args, steps, class_names)
+    with strategy.scope() if strategy else contextlib.nullcontext():  # variables on every device
+        model = compile_model(args, steps, class_names)
     # what the run will write, before an hour of training: the backup and its previous copy, at most two
     # best-epoch files, the model and its LiteRT copy
     check_space(out, 4 * state_bytes(model) + 2 * 4 * model.count_params())
@@ -807,7 +946,7 @@ def train(args, out, work, config, derived, class_names, splits):
         )
     else:
         batches = idg_batches(x_train, y_fit, w_fit, args.batch_size, args.seed, args.workers, args.augment)
-    print(f"precision {precision}; image size by epoch {sizes}", flush=True)
+    print(f"precision {precision}; devices {', '.join(devices)}; image size by epoch {sizes}", flush=True)
 
     # 4. fit; elapsed_seconds count from this process's start, plus what earlier runs of a resumed one took
     previous = read_log(work / "log.csv")
@@ -827,9 +966,10 @@ def train(args, out, work, config, derived, class_names, splits):
     keras.mixed_precision.set_global_policy("float32")
     final = build_model(args.image_size, class_names, widths=widths(args.width))
     final.set_weights(model.get_weights())
-    plain, both = plain_and_mirrored(batched(final), x_test)
+    plain, both = evaluate(final, x_test)
     prob = both if MIRROR_TTA else plain  # what utils.class_probabilities, and so predict.py, gives
     device = ", ".join(f"{name} (compute capability {'.'.join(map(str, cc or ('?',)))})" for name, cc in gpus) or "cpu"
+    device += f"; data-parallel on {len(devices)}: {', '.join(devices)}" if len(devices) > 1 else ""
     history = metrics_of(
         args, log, prob, plain, y_test, final, precision, len(x_train), len(x_val), class_names, device
     )
