@@ -456,7 +456,6 @@ def augment(images, seed, strength=1.0):
     One resampling per image: Keras's RandomRotation, RandomTranslation and RandomZoom resample
     once each, which made augmentation 4x slower and the images blurrier."""
     import tensorflow as tf
-    from keras import ops  # imported by now (import_keras, in utils, sets up the first import)
 
     a = AUGMENTATION
     n, side = tf.shape(images)[0], tf.cast(tf.shape(images)[1], "float32")
@@ -476,7 +475,16 @@ def augment(images, seed, strength=1.0):
     transform = tf.stack(
         [m00, m01, c - c * (m00 + m01) + shift_x, m10, m11, c - c * (m10 + m11) + shift_y, zeros, zeros], axis=1
     )
-    return ops.image.affine_transform(images, transform, fill_mode=a["fill_mode"])
+    # the op Keras's affine_transform runs on TensorFlow, called directly: keras.ops inside tf.data fails on
+    # the JAX and PyTorch backends (keras-team/keras#21785), plain TensorFlow ops do not
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=tf.cast(transform, "float32"),
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode=a["fill_mode"].upper(),
+    )
 
 
 def cutmix(images, y, w, seed, share):
