@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -258,8 +259,9 @@ def parse_args(argv=None):
         "--devices",
         type=int,
         metavar="N",
-        help="train data-parallel on N devices (tf.distribute.MirroredStrategy; --batch-size is split between "
-        "them): N GPUs, or on a machine without one, N logical devices of its CPU (default: every GPU, else 1)",
+        help="train data-parallel on N devices, --batch-size split between them: N GPUs, or on a machine without "
+        "one N logical devices of its CPU (tf.distribute.MirroredStrategy; with KERAS_BACKEND=jax, "
+        "keras.distribution.DataParallel over GPUs only) (default: every GPU, else 1)",
     )
     p.add_argument(
         "--stream",
@@ -604,9 +606,44 @@ def widths(multiplier):
     return tuple(max(8, round(w * multiplier)) for w in (32, 64, 128, 256))
 
 
+def backend():
+    """The Keras backend this run uses (KERAS_BACKEND, else Keras's own configuration), read without
+    starting TensorFlow's devices (training_strategy may still split the CPU)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_stderr():
+        import keras
+
+    return keras.backend.backend()
+
+
+def jax_strategy(devices):
+    """(None, the devices' names) for --devices on the JAX backend: several GPUs train data-parallel through
+    keras.distribution.DataParallel, set for the whole run."""
+    import jax
+
+    keras = import_keras()
+    gpus = [d for d in jax.devices() if d.platform != "cpu"]
+    available = gpus or jax.devices()
+    n = devices or max(len(gpus), 1)
+    if n > 1 and not gpus:
+        raise UserError(
+            f"--devices {n} on the JAX backend needs GPUs: between CPU devices (XLA_FLAGS "
+            "--xla_force_host_platform_device_count) its all-reduce aborted in 4 of 6 tries here; on a CPU use "
+            "the TensorFlow backend, which splits the CPU for --devices"
+        )
+    if n > len(available):
+        raise UserError(f"--devices {n}: JAX sees {len(available)} device(s) here")
+    if n > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=available[:n]))
+    return None, [str(d) for d in available[:n]]
+
+
 def training_strategy(devices):
     """(tf.distribute strategy, the devices' names) for --devices: None for one device; several GPUs, or
-    several logical devices of the one CPU (which TensorFlow must be told before it starts its devices)."""
+    several logical devices of the one CPU (which TensorFlow must be told before it starts its devices).
+    On the JAX backend: jax_strategy."""
+    if os.environ.get("KERAS_BACKEND") == "jax" or backend() == "jax":
+        return jax_strategy(devices)
     with quiet_stderr():
         import tensorflow as tf
 
@@ -646,7 +683,7 @@ def compile_model(args, steps, class_names):
         optimizer=keras.optimizers.RMSprop(schedule, use_ema=args.ema > 0, ema_momentum=args.ema or 0.99),
         loss=loss,
         metrics=["accuracy"],
-        jit_compile=False,  # XLA was slower on CPU here
+        jit_compile=backend() != "tensorflow",  # TensorFlow: XLA was slower on CPU here; JAX: always XLA
     )
     return model
 
@@ -995,7 +1032,12 @@ def train(args, out, work, config, derived, class_names, splits):
     keras_file, litert_file = model_files(class_names)
 
     atomic_write(out / keras_file, final.save, need=4 * final.count_params())
-    atomic_write(out / litert_file, lambda tmp: export_litert(final, tmp), need=8 * final.count_params(), staged=True)
+    if backend() == "tensorflow":
+        atomic_write(
+            out / litert_file, lambda tmp: export_litert(final, tmp), need=8 * final.count_params(), staged=True
+        )
+    else:
+        export_in_tensorflow(out / keras_file)
     atomic_write(out / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(labels_bytes(class_names)))
     write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
@@ -1025,6 +1067,20 @@ def export_litert(model, path):
     names = names_of_keras_model(model)
     if names:
         pack_labels(path, names)
+
+
+def export_in_tensorflow(keras_path):
+    """The .tflite beside a .keras written on another backend: LiteRT's converter needs TensorFlow, so
+    `train.py --export` runs it in a process of its own on the TensorFlow backend."""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--export", str(keras_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        print(
+            f"warning: {keras_path} is saved, its LiteRT copy is not ({(result.stderr.splitlines() or ['?'])[-1]}); "
+            f"write it where TensorFlow is installed: KERAS_BACKEND=tensorflow python train.py --export {keras_path}",
+            file=sys.stderr,
+        )
 
 
 def export_step(keras_path):
