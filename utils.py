@@ -629,7 +629,7 @@ def probabilities_and_maps(explain, images):
 def heat_map(class_map, size):
     """One class's map (h x w) as a heat map of size x size in [0, 1]: its positive evidence (Grad-CAM's
     ReLU), upsampled bilinearly over the image and scaled so its peak is 1 (all 0 when there is none)."""
-    heat = Image.fromarray(np.maximum(class_map, 0).astype(np.float32), "F").resize((size, size), Image.BILINEAR)
+    heat = Image.fromarray(np.maximum(class_map, 0).astype(np.float32)).resize((size, size), Image.BILINEAR)
     heat = np.maximum(np.asarray(heat), 0)
     top = heat.max()
     return heat / top if top > 0 else heat
