@@ -261,7 +261,7 @@ def parse_args(argv=None):
         metavar="N",
         help="train data-parallel on N devices, --batch-size split between them: N GPUs, or on a machine without "
         "one N logical devices of its CPU (tf.distribute.MirroredStrategy; with KERAS_BACKEND=jax, "
-        "keras.distribution.DataParallel over GPUs only) (default: every GPU, else 1)",
+        "keras.distribution.DataParallel) (default: every GPU, else 1)",
     )
     p.add_argument(
         "--stream",
@@ -617,22 +617,20 @@ def backend():
 
 
 def jax_strategy(devices):
-    """(None, the devices' names) for --devices on the JAX backend: several GPUs train data-parallel through
-    keras.distribution.DataParallel, set for the whole run."""
+    """(None, the devices' names) for --devices on the JAX backend: several devices train data-parallel through
+    keras.distribution.DataParallel, set for the whole run: GPUs, or without them the CPU's devices, which
+    main makes with XLA_FLAGS --xla_force_host_platform_device_count before JAX starts."""
     import jax
 
     keras = import_keras()
     gpus = [d for d in jax.devices() if d.platform != "cpu"]
     available = gpus or jax.devices()
     n = devices or max(len(gpus), 1)
-    if n > 1 and not gpus:
-        raise UserError(
-            f"--devices {n} on the JAX backend needs GPUs: between CPU devices (XLA_FLAGS "
-            "--xla_force_host_platform_device_count) its all-reduce aborted in 4 of 6 tries here; on a CPU use "
-            "the TensorFlow backend, which splits the CPU for --devices"
-        )
     if n > len(available):
-        raise UserError(f"--devices {n}: JAX sees {len(available)} device(s) here")
+        raise UserError(
+            f"--devices {n}: JAX sees {len(available)} device(s) here (a CPU shows {n} with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}, set before JAX starts)"
+        )
     if n > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=available[:n]))
     return None, [str(d) for d in available[:n]]
@@ -890,6 +888,10 @@ def resolve_recipe(args, train_images):
 
 def main(argv=None):
     args = parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (args.devices or 1) > 1 and os.environ.get("KERAS_BACKEND") == "jax" and "device_count" not in flags:
+        # JAX shows a CPU as several devices only when told before it starts (GPUs are not affected)
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
     if args.export:
         try:
             return export_step(args.export)

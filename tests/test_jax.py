@@ -45,7 +45,18 @@ def test_jax_backend_trains_resumes_and_saves_both_files(small_split, tmp_path):
         assert abs(row["dog_probability"] - by_path[row["path"]]) < 2e-3
 
 
-def test_jax_devices_on_a_cpu_are_refused_in_one_line(small_split, tmp_path):
-    result = run("train.py", "--data", small_split, "--out", tmp_path, *FLAGS, "--devices", "2", env=JAX)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "use the TensorFlow backend" in result.stderr
+def test_jax_data_parallel_on_two_cpu_devices(small_split, tmp_path):
+    """--devices 2 on JAX: keras.distribution.DataParallel over two emulated CPU devices (XLA_FLAGS, as a
+    multi-GPU machine would give real ones), close to the one-device run on the same batches."""
+    histories = {}
+    for n in (1, 2):
+        env = {**JAX, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        out = tmp_path / f"jax{n}"
+        result = run("train.py", "--data", small_split, "--out", out, *FLAGS, "--devices", str(n), env=env)
+        assert result.returncode == 0, result.stderr
+        assert ("devices cpu:0, cpu:1;" in result.stdout) == (n == 2)
+        histories[n] = json.loads((out / "history.json").read_text())
+    assert (tmp_path / "jax2" / MODEL_FILE).exists() and (tmp_path / "jax2" / LITERT_FILE).exists()
+    assert abs(histories[1]["loss"][0] - histories[2]["loss"][0]) < 0.1 * histories[1]["loss"][0]
+    for a, b in zip(histories[1]["val_loss"], histories[2]["val_loss"], strict=True):
+        assert abs(a - b) < 0.05
