@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils import (  # noqa: E402
+    IMAGE_SIZE,
     MODEL_DIR,
     UserError,
     blend,
@@ -148,7 +149,7 @@ def plot_mistakes(predictions, out, n, model=None):
     if not wrong:
         print("no wrong predictions to draw (or their images are gone); skipped mistakes.png")
         return
-    size = model.size if model else 160
+    size = model.size if model else IMAGE_SIZE
     images = np.stack([load_image(predictions[i]["path"], size) for i in wrong])  # as the model saw them
     title = "Most confident mistakes on the test split (true → predicted p)"
     if model is not None and model.names != names:

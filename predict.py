@@ -198,16 +198,15 @@ def load_keras(path, explain=False):
         return model(batch, training=False).numpy()
 
     explain_run = None
-    if explain:
-        try:
-            explainer = explaining_model(model)
-        except ValueError:  # not the network of utils.build_model
-            explainer = None
-        if explainer is not None:
+    try:
+        explainer = explaining_model(model) if explain else None
+    except ValueError:  # not the network of utils.build_model: no maps to give
+        explainer = None
+    if explainer is not None:
 
-            def explain_run(batch):
-                outputs = explainer.predict_on_batch(batch) if len(batch) == BATCH else explainer(batch, training=False)
-                return tuple(np.asarray(o) for o in outputs)
+        def explain_run(batch):
+            outputs = explainer.predict_on_batch(batch) if len(batch) == BATCH else explainer(batch, training=False)
+            return tuple(np.asarray(o) for o in outputs)
 
     return run, tuple(model.input_shape), tuple(model.output_shape), names_of_keras_model(model), explain_run
 

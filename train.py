@@ -41,6 +41,7 @@ from utils import (
     MIRROR_TTA,
     MODEL_DIR,
     SPLITS,
+    WIDTHS,
     DiskFull,
     Progress,
     UserError,
@@ -602,8 +603,8 @@ def idg_batches(x, y, w, batch_size, seed, workers, strength):
 
 # --- 3. model ----------------------------------------------------------------------
 def widths(multiplier):
-    """Filters of the four blocks: utils.build_model's 32, 64, 128, 256 times --width."""
-    return tuple(max(8, round(w * multiplier)) for w in (32, 64, 128, 256))
+    """Filters of the four blocks: utils.WIDTHS times --width."""
+    return tuple(max(8, round(w * multiplier)) for w in WIDTHS)
 
 
 def backend():
@@ -640,7 +641,7 @@ def training_strategy(devices):
     """(tf.distribute strategy, the devices' names) for --devices: None for one device; several GPUs, or
     several logical devices of the one CPU (which TensorFlow must be told before it starts its devices).
     On the JAX backend: jax_strategy."""
-    if os.environ.get("KERAS_BACKEND") == "jax" or backend() == "jax":
+    if backend() == "jax":
         return jax_strategy(devices)
     with quiet_stderr():
         import tensorflow as tf

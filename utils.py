@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 MICROSOFT_CLASSES = {"cat": ("cats", "cat"), "dog": ("dogs", "dog")}
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 160  # pixels per side of the finished model (train.py --image-size)
+WIDTHS = (32, 64, 128, 256)  # filters of the network's four blocks (train.py --width scales them)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 DATA_DIR = Path("data/processed")
@@ -427,7 +428,7 @@ def unpack_labels(tflite_path):
 def build_model(
     image_size=IMAGE_SIZE,
     class_names=("cat", "dog"),
-    widths=(32, 64, 128, 256),
+    widths=WIDTHS,
     stem=32,
     dropout=0.3,
     block_dropout=0.1,
