@@ -195,7 +195,7 @@ def load_keras(path, explain=False):
         smaller ones, a single photo say, run eagerly and so skip the tracing."""
         if len(batch) == BATCH:
             return np.asarray(model.predict_on_batch(batch))
-        return model(batch, training=False).numpy()
+        return np.asarray(model(batch, training=False))  # any backend's tensor
 
     explain_run = None
     try:

@@ -8,9 +8,10 @@
              strength) are derived from the number of training images (`recipe`).
 1. data:     the classes from the split's report.json; each split loaded once into memory at
              --image-size (the same load_image that predict.py uses).
-2. batches:  shuffle and augment training batches (one random warp per image in tf.data, or
-             ImageDataGenerator in worker processes); progressive resizing trains the early epochs
-             on smaller images, which are cheaper, and the last ones at full size.
+2. batches:  shuffle and augment training batches (one random warp per image in tf.data; the same
+             in NumPy for JAX without TensorFlow; or ImageDataGenerator in worker processes);
+             progressive resizing trains the early epochs on smaller images, which are cheaper, and
+             the last ones at full size.
 3. model:    the CNN of utils.build_model, RMSprop warmed up then decayed along a cosine, label
              smoothing, an exponential moving average of the weights, bfloat16 where the CPU has it.
 4. fit:      each epoch is validated with the averaged weights; the best epoch is kept.
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from utils import (
     DATA_DIR,
@@ -49,6 +51,7 @@ from utils import (
     available_memory,
     build_model,
     check_space,
+    choose_backend,
     choose_precision,
     class_names_layer,
     cpu_has_bf16,
@@ -57,6 +60,7 @@ from utils import (
     explaining_model,
     fail,
     gpu_facts,
+    has_tensorflow,
     import_keras,
     is_disk_full,
     labels_bytes,
@@ -235,10 +239,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--engine",
-        choices=("layers", "idg"),
-        default="layers",
-        help="augmentation: one random warp per image in tf.data (train.augment), or ImageDataGenerator in --workers "
-        "processes (trains at --image-size only) (default: %(default)s)",
+        choices=("layers", "numpy", "idg"),
+        help="augmentation: layers = one random warp per image in tf.data (train.augment); numpy = the same warps "
+        "and CutMix by NumPy in a keras.utils.PyDataset, in --workers threads, which needs no TensorFlow (JAX "
+        "backend); idg = ImageDataGenerator in --workers processes (trains at --image-size only) "
+        "(default: layers, or numpy where TensorFlow is not installed)",
     )
     p.add_argument(
         "--seed", type=int, default=42, help="seed of weights, shuffling and augmentation (default: %(default)s)"
@@ -247,8 +252,8 @@ def parse_args(argv=None):
         "--workers",
         type=int,
         default=2,
-        help="--engine idg: processes that augment batches while the network trains; 1 = in the main process "
-        "(default: %(default)s)",
+        help="--engine idg: processes, --engine numpy: threads that augment batches while the network trains; "
+        "1 = in the main process (default: %(default)s)",
     )
     p.add_argument(
         "--resume",
@@ -265,6 +270,28 @@ def parse_args(argv=None):
         "keras.distribution.DataParallel) (default: every GPU, else 1)",
     )
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="JAX backend: train data-parallel in N processes, on several hosts or on one, each started with the "
+        "same flags and its own --process-id; together they train on every device of every process (jax.distributed "
+        "through keras.distribution.initialize), each feeding its share of --batch-size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=0,
+        metavar="I",
+        help="with --processes: this process's number, 0 to N-1; process 0 writes --out, process I>0 its own "
+        "copy of the run (the .keras, not the .tflite) to OUT/.process-I (default: %(default)s)",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="with --processes: the address where process 0 listens for the others (a port free on that host)",
+    )
+    p.add_argument(
         "--stream",
         action="store_true",
         help="read the images from disk each epoch (decoded once into DATA/.cache) instead of holding them in "
@@ -279,7 +306,10 @@ def parse_args(argv=None):
         "from train.py beside it, e.g. to refresh a .tflite from before predict.py --explain",
     )
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "image_size", "workers", "warmup_steps", "devices"):
+    args.engine = args.engine or ("layers" if has_tensorflow() else "numpy")
+    if args.engine in ("layers", "idg") and not has_tensorflow():
+        p.error(f"--engine {args.engine} needs TensorFlow, which is not installed here; use --engine numpy")
+    for name in ("epochs", "batch_size", "image_size", "workers", "warmup_steps", "devices", "processes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.image_size < 32:
@@ -298,8 +328,30 @@ def parse_args(argv=None):
         p.error("--label-smoothing, --ema and --bn-momentum must be in [0, 1)")
     if args.devices and args.batch_size % args.devices:
         p.error(f"--batch-size {args.batch_size} must split evenly between --devices {args.devices}")
+    if args.processes > 1:
+        if os.environ.get("KERAS_BACKEND") != "jax":
+            p.error("--processes trains on the JAX backend: start each process with KERAS_BACKEND=jax")
+        if not args.coordinator:
+            p.error("--processes needs --coordinator HOST:PORT, the address of process 0")
+        if args.engine == "idg":
+            p.error("--engine idg does not split batches between processes; use --engine numpy or layers")
+        if not 0 <= args.process_id < args.processes:
+            p.error(f"--process-id must be 0 to {args.processes - 1}")
+        if args.batch_size % (args.processes * (args.devices or 1)):
+            p.error(f"--batch-size {args.batch_size} must split evenly between the processes' devices")
+        if args.process_id:
+            args.out = args.out / f".process-{args.process_id}"
+    elif args.process_id or args.coordinator:
+        p.error("--process-id and --coordinator go with --processes N (N > 1)")
     if args.engine == "idg" and args.progressive:
         p.error("--engine idg trains at one size; add --progressive 0")
+    if args.engine == "numpy" and not args.export and backend() == "tensorflow":
+        # There Keras turns a PyDataset into tf.data, which fixes its shapes from the first batches and reads
+        # ahead across epochs: the tf.data engine is the one for TensorFlow.
+        p.error(
+            "--engine numpy feeds the JAX backend; on TensorFlow leave --engine out (tf.data, the default "
+            "there, makes the same batches)"
+        )
     return args
 
 
@@ -403,17 +455,23 @@ def cache_split(paths, labels, size, data, split):
     return DiskImages(path, len(paths), size), np.array(labels, dtype="int32"), paths
 
 
-def chunks(images, size=None, n=512):
+def resizer(engine):
+    """How validation images are resized for an engine, as its training batches are: the NumPy engine by PIL
+    (resize_array), the others by TensorFlow (resize)."""
+    return resize_array if engine == "numpy" else lambda images, size: resize(images, size).numpy()
+
+
+def chunks(images, size=None, n=512, engine="layers"):
     """The images (array or DiskImages) n at a time, as float32 at side length size (default: as they are)."""
     for i in range(0, len(images), n):
         chunk = images[i : i + n]
-        yield chunk if size in (None, chunk.shape[1]) else resize(chunk, size).numpy()
+        yield chunk if size in (None, chunk.shape[1]) else resizer(engine)(chunk, size)
 
 
-def evaluate(model, images, size=None):
+def evaluate(model, images, size=None, engine="layers"):
     """(plain, mirror-averaged) class probabilities of the images (utils.plain_and_mirrored), a chunk at a
     time, so a streamed split never sits in memory whole."""
-    parts = [plain_and_mirrored(batched(model), chunk) for chunk in chunks(images, size)]
+    parts = [plain_and_mirrored(batched(model), chunk) for chunk in chunks(images, size, engine=engine)]
     return np.concatenate([p for p, _ in parts]), np.concatenate([b for _, b in parts])
 
 
@@ -452,32 +510,28 @@ def resize(images, size):
 
 
 # --- 2. batches ------------------------------------------------------------------
-def augment(images, seed, strength=1.0):
+def augment(images, seed, strength=1.0, part=(0, 1)):
     """Each image of a batch warped once by a random mirror, rotation, zoom and shift (AUGMENTATION,
     rotation, zoom and shift times `strength`),
     drawn from `seed` (two integers), so a resumed run draws what the interrupted one would have.
     One resampling per image: Keras's RandomRotation, RandomTranslation and RandomZoom resample
-    once each, which made augmentation 4x slower and the images blurrier."""
+    once each, which made augmentation 4x slower and the images blurrier. part (process i of n): the
+    images are process i's share of a batch, and get that share of the whole batch's draws."""
     import tensorflow as tf
 
     a = AUGMENTATION
     n, side = tf.shape(images)[0], tf.cast(tf.shape(images)[1], "float32")
     seeds = tf.random.experimental.stateless_split(seed, 5)
+    i, parts = part
 
     def uniform(k, limit):
-        return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
+        return tf.random.stateless_uniform([n * parts], seeds[k], -limit, limit)[i * n : (i + 1) * n]
 
     angle, zoom = uniform(0, a["rotation"] * strength * 2 * np.pi), 1 + uniform(1, a["zoom"] * strength)
     shift_x = uniform(2, a["translation"] * strength) * side
     shift_y = uniform(3, a["translation"] * strength) * side
     mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] else tf.ones([n])
-    # Output pixel p reads the input at M (p - c) + c + shift, with M = zoom * rotation * mirror.
-    c, cos, sin = (side - 1) / 2, tf.cos(angle) * zoom, tf.sin(angle) * zoom
-    m00, m01, m10, m11 = cos * mirror, -sin, sin * mirror, cos
-    zeros = tf.zeros([n])
-    transform = tf.stack(
-        [m00, m01, c - c * (m00 + m01) + shift_x, m10, m11, c - c * (m10 + m11) + shift_y, zeros, zeros], axis=1
-    )
+    transform = warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, tf)
     # the op Keras's affine_transform runs on TensorFlow, called directly: keras.ops inside tf.data fails on
     # the JAX and PyTorch backends (keras-team/keras#21785), plain TensorFlow ops do not
     return tf.raw_ops.ImageProjectiveTransformV3(
@@ -487,6 +541,18 @@ def augment(images, seed, strength=1.0):
         fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode=a["fill_mode"].upper(),
+    )
+
+
+def warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, xp):
+    """Each image's warp as the 8 numbers ImageProjectiveTransformV3 takes (output pixel (x, y) reads the
+    input at (t0 x + t1 y + t2, t3 x + t4 y + t5)), computed by xp (tensorflow or numpy) for both engines:
+    the input at M (p - c) + c + shift, with M = zoom * rotation * mirror and c the image's centre."""
+    c, cos, sin = (side - 1) / 2, xp.cos(angle) * zoom, xp.sin(angle) * zoom
+    m00, m01, m10, m11 = cos * mirror, -sin, sin * mirror, cos
+    zeros = xp.zeros_like(angle)
+    return xp.stack(
+        [m00, m01, c - c * (m00 + m01) + shift_x, m10, m11, c - c * (m10 + m11) + shift_y, zeros, zeros], axis=1
     )
 
 
@@ -515,30 +581,44 @@ def cutmix(images, y, w, seed, share):
     return (images, y) if w is None else (images, y, (1 - area) * w + area * tf.gather(w, other))
 
 
-def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0):
-    """tf.data batches (images, targets[, weights]) for epochs first_epoch.. (one epoch after the other,
-    each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them."""
-    import tensorflow as tf
-
-    # Every epoch's shuffled batch indices and image size, drawn up front: a resumed run draws the same.
-    steps = len(y) // batch_size
-    order = [np.random.default_rng([seed, e]).permutation(len(y))[: steps * batch_size] for e in range(len(sizes))]
+def batch_plan(count, batch_size, seed, sizes, first_epoch, part=(0, 1)):
+    """(index, side, number): every batch's image indices (a row each), image size and number in the run
+    (what its random draws are seeded with), from first_epoch on. Each epoch is a fresh shuffle drawn from
+    (seed, epoch), so a resumed run draws the same batches; the ragged last batch of an epoch is dropped.
+    part (process i of n): process i's share of each batch (its columns of index)."""
+    steps = count // batch_size
+    order = [np.random.default_rng([seed, e]).permutation(count)[: steps * batch_size] for e in range(len(sizes))]
     index = np.concatenate(order[first_epoch:]).reshape(-1, batch_size)
     side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
-    number = np.arange(first_epoch * steps, len(sizes) * steps)
+    i, n = part
+    share = batch_size // n
+    return index[:, i * share : (i + 1) * share], side, np.arange(first_epoch * steps, len(sizes) * steps)
+
+
+def take(x, i):
+    """x[i] for an array or a streamed DiskImages, which is read in file order and handed back in i's order."""
+    if not isinstance(x, DiskImages):
+        return x[i]
+    order = np.argsort(i)
+    images = np.empty((len(i), *x.shape[1:]), np.uint8)
+    images[order] = x[i[order]]
+    return images
+
+
+def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0, part=(0, 1)):
+    """tf.data batches (images, targets[, weights]) for epochs first_epoch.. (one epoch after the other,
+    each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them
+    (part: batch_plan's, for --processes)."""
+    import tensorflow as tf
+
+    index, side, number = batch_plan(len(y), batch_size, seed, sizes, first_epoch, part)
     seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
     y = tf.convert_to_tensor(y)
     w = None if w is None else tf.convert_to_tensor(w)
     if isinstance(x, DiskImages):  # streamed: each batch read from the cache file
 
-        def read(i):
-            order = np.argsort(i)
-            images = np.empty((len(i), *x.shape[1:]), np.uint8)
-            images[order] = x[i[order]]  # read in file order, handed back in the batch's order
-            return images
-
         def gather(i):
-            images = tf.numpy_function(read, [i], tf.uint8)
+            images = tf.numpy_function(lambda i: take(x, i), [i], tf.uint8)
             images.set_shape([None, *x.shape[1:]])
             return images
 
@@ -549,7 +629,7 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=
             return tf.gather(x, i)
 
     def batch(i, s, k):
-        images = augment(resize(gather(i), s), k, strength)
+        images = augment(resize(gather(i), s), k, strength, part)
         if not mix:
             return (images, tf.gather(y, i)) if w is None else (images, tf.gather(y, i), tf.gather(w, i))
         weights = None if w is None else tf.gather(w, i)
@@ -557,6 +637,114 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=
 
     epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(batch, num_parallel_calls=2)
     return epochs.prefetch(2)
+
+
+# The NumPy engine: the same batches without TensorFlow (for the JAX backend where TensorFlow is not installed).
+# Same plan, same warps and CutMix, drawn by NumPy instead of TensorFlow's random ops, so the images differ
+# from the tf.data engine's while following the same distributions.
+def resize_array(images, size):
+    """resize without TensorFlow: PIL's bilinear filter, widened when shrinking as TensorFlow's antialiased
+    resize is (the two differ by rounding: at most 1 of 255 on real photos), as float32."""
+    if images.shape[1] == size:
+        return images.astype("float32")
+    return np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.BILINEAR)) for i in images]).astype(
+        "float32"
+    )
+
+
+def random_transforms(rng, n, side, strength=1.0, part=(0, 1)):
+    """augment's draws (mirror, rotation, zoom, shift) for n images from a NumPy generator, as transforms
+    (part: as augment's)."""
+    a = AUGMENTATION
+    i, parts = part
+
+    def uniform(limit):
+        return rng.uniform(-limit, limit, n * parts)[i * n : (i + 1) * n].astype("float32")
+
+    angle, zoom = uniform(a["rotation"] * strength * 2 * np.pi), 1 + uniform(a["zoom"] * strength)
+    shift_x, shift_y = uniform(a["translation"] * strength) * side, uniform(a["translation"] * strength) * side
+    mirror = np.sign(uniform(1.0)) if a["horizontal_flip"] else np.ones(n, "float32")
+    return warp_transforms(angle, zoom, shift_x, shift_y, mirror, np.float32(side), np).astype("float32")
+
+
+def warp_arrays(images, transforms):
+    """ImageProjectiveTransformV3 in NumPy, for the warps augment makes (bilinear, fill mode nearest: a point
+    outside the image reads its nearest edge): N images x H x W x C and N x 8 transforms -> float32."""
+    n, h, w, c = images.shape
+    t = np.asarray(transforms, "float32")[:, :, None]
+    gy, gx = (g.ravel()[None] for g in np.mgrid[0:h, 0:w].astype("float32"))
+    x = np.clip(t[:, 0] * gx + t[:, 1] * gy + t[:, 2], 0, w - 1)  # N x HW input columns, clamped to the edge
+    y = np.clip(t[:, 3] * gx + t[:, 4] * gy + t[:, 5], 0, h - 1)
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    x0, y0 = x0.astype(np.intp), y0.astype(np.intp)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    pixels, base = images.reshape(n * h * w, c), (np.arange(n) * (h * w))[:, None]
+
+    def at(row, col):
+        return pixels[base + row * w + col].astype("float32")
+
+    top = (1 - fx) * at(y0, x0) + fx * at(y0, x1)
+    bottom = (1 - fx) * at(y1, x0) + fx * at(y1, x1)
+    return ((1 - fy) * top + fy * bottom).reshape(n, h, w, c)
+
+
+def cutmix_arrays(images, y, w, rng, share):
+    """cutmix in NumPy: one box of each image replaced by the same box of another on a share of the batches."""
+    n, h, wd = images.shape[:3]
+    cut = np.sqrt(rng.uniform())
+    bh, bw = int(cut * h), int(cut * wd)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, wd))
+    mix = rng.uniform() < share
+    other = rng.permutation(n)
+    if not mix or not bh or not bw:
+        return (images, y) if w is None else (images, y, w)
+    rows = slice(max(cy - bh // 2, 0), min(cy + bh - bh // 2, h))
+    cols = slice(max(cx - bw // 2, 0), min(cx + bw - bw // 2, wd))
+    area = (rows.stop - rows.start) * (cols.stop - cols.start) / (h * wd)
+    images = images.copy()
+    images[:, rows, cols] = images[other, rows, cols]
+    y = (1 - area) * y + area * y[other]
+    return (images, y) if w is None else (images, y, ((1 - area) * w + area * w[other]).astype("float32"))
+
+
+def array_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0, workers=2, part=(0, 1)):
+    """warped_batches as a keras.utils.PyDataset with NumPy and PIL doing the work (threads: both release the
+    GIL), for the JAX backend without TensorFlow: the same plan of batches and sizes, each batch's warps and
+    CutMix drawn from (seed, batch number). Item k is batch k of the run (from first_epoch on), and the dataset
+    is endless to Keras, which then keeps one iterator across epochs: Keras restarts a finite PyDataset's
+    workers at item 0 each epoch and calls on_epoch_end once more than there are epochs, which would replay or
+    shift batches. So Keras's own workers stay off and `workers` threads prepare the next batches instead."""
+    keras = import_keras()
+    index, side, number = batch_plan(len(y), batch_size, seed, sizes, first_epoch, part)
+
+    def make(k):
+        k %= len(index)  # Keras reads a batch or two past the last step; they are never trained on
+        i, rng = index[k], np.random.default_rng([seed, int(number[k])])
+        images = resize_array(take(x, i), int(side[k]))
+        images = warp_arrays(images, random_transforms(rng, len(i), side[k], strength, part))
+        if not mix:
+            return (images, y[i]) if w is None else (images, y[i], w[i])
+        return cutmix_arrays(images, y[i], None if w is None else w[i], rng, mix)
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1)  # no Keras enqueuer
+            self.pool, self.ready = ThreadPoolExecutor(workers), {}
+
+        @property
+        def num_batches(self):
+            return None  # endless: see above
+
+        def __getitem__(self, k):
+            for j in range(k, min(k + workers + 1, len(index))):  # this batch and the next ones, under way
+                if j not in self.ready:
+                    self.ready[j] = self.pool.submit(make, j)
+            for j in [j for j in self.ready if j < k]:  # left behind when Keras started over at item 0
+                del self.ready[j]
+            return (self.ready.pop(k, None) or self.pool.submit(make, k)).result()
+
+    return Batches()
 
 
 def idg_batches(x, y, w, batch_size, seed, workers, strength):
@@ -610,6 +798,7 @@ def widths(multiplier):
 def backend():
     """The Keras backend this run uses (KERAS_BACKEND, else Keras's own configuration), read without
     starting TensorFlow's devices (training_strategy may still split the CPU)."""
+    choose_backend()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with quiet_stderr():
         import keras
@@ -617,32 +806,44 @@ def backend():
     return keras.backend.backend()
 
 
-def jax_strategy(devices):
+def jax_strategy(devices, processes=1, process_id=0, coordinator=None):
     """(None, the devices' names) for --devices on the JAX backend: several devices train data-parallel through
     keras.distribution.DataParallel, set for the whole run: GPUs, or without them the CPU's devices, which
-    main makes with XLA_FLAGS --xla_force_host_platform_device_count before JAX starts."""
+    main makes with XLA_FLAGS --xla_force_host_platform_device_count before JAX starts. With --processes, first
+    joins the other processes (jax.distributed, which waits for all of them), then trains on the devices of
+    all; each process feeds its own share of every batch (so Keras must not shard the batches again)."""
+    keras = import_keras()
+    if processes > 1:
+        print(f"process {process_id} of {processes}: waiting for the others at {coordinator}", flush=True)
+        try:
+            keras.distribution.initialize(job_addresses=coordinator, num_processes=processes, process_id=process_id)
+        except Exception as e:  # an address that does not resolve, a port in use, a process that never came
+            raise UserError(f"--coordinator {coordinator}: the processes could not meet ({e})") from None
     import jax
 
-    keras = import_keras()
-    gpus = [d for d in jax.devices() if d.platform != "cpu"]
-    available = gpus or jax.devices()
+    local = jax.local_devices()
+    gpus = [d for d in local if d.platform != "cpu"]
+    available = gpus or local
     n = devices or max(len(gpus), 1)
     if n > len(available):
         raise UserError(
             f"--devices {n}: JAX sees {len(available)} device(s) here (a CPU shows {n} with "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n}, set before JAX starts)"
         )
-    if n > 1:
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=available[:n]))
-    return None, [str(d) for d in available[:n]]
+    # the first n devices of each process (every process is started alike)
+    used = [d for p in range(processes) for d in [d for d in jax.devices() if d.process_index == p][:n]]
+    if len(used) > 1:
+        parallel = keras.distribution.DataParallel(devices=used, auto_shard_dataset=processes == 1)
+        keras.distribution.set_distribution(parallel)
+    return None, [str(d) for d in used]
 
 
-def training_strategy(devices):
+def training_strategy(devices, processes=1, process_id=0, coordinator=None):
     """(tf.distribute strategy, the devices' names) for --devices: None for one device; several GPUs, or
     several logical devices of the one CPU (which TensorFlow must be told before it starts its devices).
     On the JAX backend: jax_strategy."""
     if backend() == "jax":
-        return jax_strategy(devices)
+        return jax_strategy(devices, processes, process_id, coordinator)
     with quiet_stderr():
         import tensorflow as tf
 
@@ -672,7 +873,7 @@ def compile_model(args, steps, class_names):
         warmup_target=args.learning_rate,
         warmup_steps=warmup,
     )
-    size = None if args.engine == "layers" else args.image_size
+    size = args.image_size if args.engine == "idg" else None  # the others train at several sizes
     model = build_model(size, class_names, widths=widths(args.width), bn_momentum=args.bn_momentum)
     if len(class_names) == 2:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=args.label_smoothing)
@@ -763,9 +964,9 @@ def training_callbacks(args, model, work, sizes, x_val, y_val, offset):
         def on_epoch_end(self, epoch, logs):
             size = sizes[epoch]
             if size not in val_at and isinstance(x_val, np.ndarray):  # in memory: resized once per size
-                val_at[size] = resize(x_val, size).numpy() if size != x_val.shape[1] else x_val
+                val_at[size] = resizer(args.engine)(x_val, size) if size != x_val.shape[1] else x_val
             with averaged_weights(model):  # both kinds logged: one pass each
-                plain, both = evaluate(model, val_at.get(size, x_val), size)
+                plain, both = evaluate(model, val_at.get(size, x_val), size, args.engine)
             chosen = both if MIRROR_TTA else plain  # what utils.class_probabilities gives
             logs.update(
                 val_accuracy=accuracy(chosen, y_val),
@@ -888,6 +1089,7 @@ def resolve_recipe(args, train_images):
 
 
 def main(argv=None):
+    choose_backend()
     args = parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
     if (args.devices or 1) > 1 and os.environ.get("KERAS_BACKEND") == "jax" and "device_count" not in flags:
@@ -938,7 +1140,8 @@ def main(argv=None):
 def train(args, out, work, config, derived, class_names, splits):
     started = time.perf_counter()
 
-    strategy, devices = training_strategy(args.devices)  # first: TensorFlow must not have started its devices
+    # first: TensorFlow must not have started its devices, nor JAX met the other processes
+    strategy, devices = training_strategy(args.devices, args.processes, args.process_id, args.coordinator)
 
     # 1. data: each split (listed by read_split) into memory, or, when that does not fit (or --stream),
     # decoded once into a cache on disk that each batch is read from
@@ -987,10 +1190,24 @@ def train(args, out, work, config, derived, class_names, splits):
     forget_unbacked_epochs(work / "log.csv", first)
     y_fit = targets(y_train, len(class_names))
     w_fit = sample_weights(y_train, len(class_names), args.class_weights)
+    first_epoch, part = min(first, args.epochs - 1), (args.process_id, args.processes)
     if args.engine == "layers":
-        first_epoch = min(first, args.epochs - 1)
         batches = warped_batches(
-            x_train, y_fit, w_fit, args.batch_size, args.seed, sizes, first_epoch, args.augment, args.cutmix
+            x_train, y_fit, w_fit, args.batch_size, args.seed, sizes, first_epoch, args.augment, args.cutmix, part
+        )
+    elif args.engine == "numpy":
+        batches = array_batches(
+            x_train,
+            y_fit,
+            w_fit,
+            args.batch_size,
+            args.seed,
+            sizes,
+            first_epoch,
+            args.augment,
+            args.cutmix,
+            workers=args.workers,
+            part=part,
         )
     else:
         batches = idg_batches(x_train, y_fit, w_fit, args.batch_size, args.seed, args.workers, args.augment)
@@ -1039,8 +1256,8 @@ def train(args, out, work, config, derived, class_names, splits):
         atomic_write(
             out / litert_file, lambda tmp: export_litert(final, tmp), need=8 * final.count_params(), staged=True
         )
-    else:
-        export_in_tensorflow(out / keras_file)
+    elif args.process_id or not export_in_tensorflow(out / keras_file):  # process 0 writes the run's .tflite
+        litert_file = None
     atomic_write(out / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(labels_bytes(class_names)))
     write_json(out / "history.json", history["history"])
     write_json(out / "test_predictions.json", predictions)
@@ -1050,7 +1267,7 @@ def train(args, out, work, config, derived, class_names, splits):
     print(
         f"test accuracy {m['test_accuracy']:.4f} on {len(y_test)} images (best epoch {m['best_epoch']}, "
         f"val {m['best_val_accuracy']:.4f}; macro F1 {m['macro_f1']:.4f}); {m['train_seconds']:.0f} s from start "
-        f"to last epoch; saved {out / keras_file} and {out / litert_file}"
+        f"to last epoch; saved {out / keras_file}" + (f" and {out / litert_file}" if litert_file else "")
     )
     return m
 
@@ -1074,16 +1291,21 @@ def export_litert(model, path):
 
 def export_in_tensorflow(keras_path):
     """The .tflite beside a .keras written on another backend: LiteRT's converter needs TensorFlow, so
-    `train.py --export` runs it in a process of its own on the TensorFlow backend."""
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--export", str(keras_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode:
+    `train.py --export` runs it in a process of its own on the TensorFlow backend. False when it could not."""
+    if has_tensorflow():
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        command = [sys.executable, str(Path(__file__).resolve()), "--export", str(keras_path)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        why = (result.stderr.splitlines() or ["?"])[-1] if result.returncode else None
+    else:
+        why = "TensorFlow, which LiteRT's converter needs, is not installed here"
+    if why:
         print(
-            f"warning: {keras_path} is saved, its LiteRT copy is not ({(result.stderr.splitlines() or ['?'])[-1]}); "
-            f"write it where TensorFlow is installed: KERAS_BACKEND=tensorflow python train.py --export {keras_path}",
+            f"note: {keras_path} is saved, its LiteRT copy is not ({why}); predict.py reads the .keras, or write the "
+            f".tflite where TensorFlow is installed: KERAS_BACKEND=tensorflow python train.py --export {keras_path}",
             file=sys.stderr,
         )
+    return not why
 
 
 def export_step(keras_path):

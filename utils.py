@@ -327,15 +327,39 @@ def quiet_stderr():
         os.close(devnull)
 
 
+def choose_backend():
+    """Before Keras is imported: Keras's default backend is TensorFlow; where TensorFlow is not installed and
+    KERAS_BACKEND is not set, use JAX (which trains and predicts with the same scripts), and say so once."""
+    if "KERAS_BACKEND" in os.environ or has_tensorflow():
+        return
+    import importlib.util
+
+    if not importlib.util.find_spec("jax"):
+        fail("neither TensorFlow nor JAX is installed here, and Keras needs one: `pip install -r requirements.txt`")
+    os.environ["KERAS_BACKEND"] = "jax"
+    print("TensorFlow is not installed here: Keras runs on JAX (KERAS_BACKEND=jax)", file=sys.stderr, flush=True)
+
+
 def import_keras():
-    """Import Keras (on TensorFlow) without TensorFlow's start-up chatter on stderr."""
+    """Import Keras without TensorFlow's start-up chatter on stderr; TensorFlow itself only on its backend
+    (on JAX, training needs no TensorFlow)."""
+    choose_backend()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with quiet_stderr():
         import keras
-        import tensorflow as tf
 
-        tf.config.list_logical_devices()  # device start-up happens here, while muted
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_logical_devices()  # device start-up happens here, while muted
     return keras
+
+
+def has_tensorflow():
+    """Whether TensorFlow is installed here (found, not imported)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
 
 
 class Progress:

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 from test_train import backed_up_epochs, wait_for_epochs
 
+import train
 from conftest import ROOT, run
 from utils import LITERT_FILE, MODEL_FILE
 
@@ -60,3 +62,87 @@ def test_jax_data_parallel_on_two_cpu_devices(small_split, tmp_path):
     assert abs(histories[1]["loss"][0] - histories[2]["loss"][0]) < 0.1 * histories[1]["loss"][0]
     for a, b in zip(histories[1]["val_loss"], histories[2]["val_loss"], strict=True):
         assert abs(a - b) < 0.05
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_batch_shares_of_processes_make_up_the_whole_batch(small_split):
+    """Each process's share of a batch, warped with its share of the batch's draws: put together, the shares
+    are the one-process batch, pixel for pixel, in both engines."""
+    from utils import split_classes
+
+    x, labels, _ = train.load_split(*train.list_split(small_split, "train", split_classes(small_split)[1]), 48)
+    y = labels.astype("float32")
+    sizes = [32, 48]
+    whole, side, number = train.batch_plan(len(y), 16, 3, sizes, 0)
+    shares = [train.batch_plan(len(y), 16, 3, sizes, 0, part=(i, 2)) for i in (0, 1)]
+    assert np.array_equal(np.concatenate([s[0] for s in shares], axis=1), whole)  # disjoint halves, in order
+    assert all(np.array_equal(s[1], side) and np.array_equal(s[2], number) for s in shares)
+
+    def numpy_engine(part):
+        data = train.array_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)
+        return [data[k] for k in range(len(whole))]
+
+    def tf_engine(part):
+        return [tuple(t.numpy() for t in b) for b in train.warped_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)]
+
+    for engine in (numpy_engine, tf_engine):
+        one, halves = engine((0, 1)), [engine((i, 2)) for i in (0, 1)]
+        for k, batch in enumerate(one):
+            for part in range(2):  # images and targets
+                joined = np.concatenate([halves[0][k][part], halves[1][k][part]])
+                assert np.allclose(joined, batch[part], atol=1e-3), (engine.__name__, k)
+
+
+def test_two_processes_train_one_model_through_jax_distributed(small_split, tmp_path):
+    """--processes 2 on one machine, as on two hosts: the processes meet at --coordinator (jax.distributed;
+    gloo carries the CPU's all-reduce), each feeds half of every batch, and they train one model: the same
+    losses and predictions in both, and those of a one-process run on the same batches (CutMix off: it mixes
+    within a process's share)."""
+    out = tmp_path / "two"
+    flags = [*FLAGS, "--engine", "numpy", "--cutmix", "0", "--data", str(small_split), "--out", str(out)]
+    meet = ["--processes", "2", "--coordinator", f"localhost:{free_port()}"]
+    env = {**os.environ, **JAX, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *flags, *meet, "--process-id", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr
+        assert "devices cpu:0, cpu:2048;" in stdout  # one device each, both in the run
+    folders = [out, out / ".process-1"]
+    histories = [json.loads((f / "history.json").read_text()) for f in folders]
+    assert histories[0]["loss"] == histories[1]["loss"] and histories[0]["val_loss"] == histories[1]["val_loss"]
+    predictions = [json.loads((f / "test_predictions.json").read_text()) for f in folders]
+    assert predictions[0] == predictions[1]  # one model, not two
+    assert (out / LITERT_FILE).exists() and not (folders[1] / LITERT_FILE).exists()
+
+    one = tmp_path / "one"
+    single = run("train.py", *FLAGS, "--engine", "numpy", "--cutmix", "0", "--data", small_split, "--out", one, env=JAX)
+    assert single.returncode == 0, single.stderr
+    alone = json.loads((one / "history.json").read_text())
+    assert abs(alone["loss"][0] - histories[0]["loss"][0]) < 0.1 * alone["loss"][0]
+    for a, b in zip(alone["val_loss"], histories[0]["val_loss"], strict=True):
+        assert abs(a - b) < 0.05
+
+
+def test_processes_refused_without_jax_or_coordinator(small_split, tmp_path):
+    base = ["--data", small_split, "--out", tmp_path / "x", "--processes", "2"]
+    on_tf = run("train.py", *base, "--coordinator", "localhost:1", env={"KERAS_BACKEND": "tensorflow"})
+    assert on_tf.returncode == 2 and "KERAS_BACKEND=jax" in on_tf.stderr
+    lost = run("train.py", *base, env=JAX)
+    assert lost.returncode == 2 and "--coordinator" in lost.stderr
