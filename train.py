@@ -525,6 +525,8 @@ def augment(images, seed, strength=1.0, part=(0, 1)):
     i, parts = part
 
     def uniform(k, limit):
+        if parts == 1:  # one process: the graph as it was (a slice changes its float rounding by 1e-4 of 255)
+            return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
         return tf.random.stateless_uniform([n * parts], seeds[k], -limit, limit)[i * n : (i + 1) * n]
 
     angle, zoom = uniform(0, a["rotation"] * strength * 2 * np.pi), 1 + uniform(1, a["zoom"] * strength)
@@ -947,7 +949,7 @@ def per_class(prob, labels, class_names):
 def batched(model):
     """run(images) -> the model's outputs, 256 images a call (what utils.class_probabilities calls)."""
     return lambda images: np.concatenate(
-        [model(images[i : i + 256], training=False) for i in range(0, len(images), 256)]
+        [np.asarray(model(images[i : i + 256], training=False)) for i in range(0, len(images), 256)]
     )
 
 
