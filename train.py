@@ -329,7 +329,7 @@ def parse_args(argv=None):
     if args.devices and args.batch_size % args.devices:
         p.error(f"--batch-size {args.batch_size} must split evenly between --devices {args.devices}")
     if args.processes > 1:
-        if os.environ.get("KERAS_BACKEND") != "jax":
+        if backend() != "jax":
             p.error("--processes trains on the JAX backend: start each process with KERAS_BACKEND=jax")
         if not args.coordinator:
             p.error("--processes needs --coordinator HOST:PORT, the address of process 0")
@@ -427,7 +427,11 @@ class DiskImages:
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             return self.read(start, max(stop - start, 0))[::step].copy()
-        return np.stack([self.read(int(i), 1)[0] for i in np.asarray(index)]) if len(index) else self.read(0, 0)
+        index = np.asarray(index)
+        images = np.empty((len(index), *self.shape[1:]), np.uint8)
+        for k in np.argsort(index):  # read in file order, handed back in the order asked for
+            images[k] = self.read(int(index[k]), 1)[0]
+        return images
 
 
 def cache_split(paths, labels, size, data, split):
@@ -597,16 +601,6 @@ def batch_plan(count, batch_size, seed, sizes, first_epoch, part=(0, 1)):
     return index[:, i * share : (i + 1) * share], side, np.arange(first_epoch * steps, len(sizes) * steps)
 
 
-def take(x, i):
-    """x[i] for an array or a streamed DiskImages, which is read in file order and handed back in i's order."""
-    if not isinstance(x, DiskImages):
-        return x[i]
-    order = np.argsort(i)
-    images = np.empty((len(i), *x.shape[1:]), np.uint8)
-    images[order] = x[i[order]]
-    return images
-
-
 def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0, part=(0, 1)):
     """tf.data batches (images, targets[, weights]) for epochs first_epoch.. (one epoch after the other,
     each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them
@@ -620,7 +614,7 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=
     if isinstance(x, DiskImages):  # streamed: each batch read from the cache file
 
         def gather(i):
-            images = tf.numpy_function(lambda i: take(x, i), [i], tf.uint8)
+            images = tf.numpy_function(lambda i: x[i], [i], tf.uint8)
             images.set_shape([None, *x.shape[1:]])
             return images
 
@@ -723,7 +717,7 @@ def array_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0
     def make(k):
         k %= len(index)  # Keras reads a batch or two past the last step; they are never trained on
         i, rng = index[k], np.random.default_rng([seed, int(number[k])])
-        images = resize_array(take(x, i), int(side[k]))
+        images = resize_array(x[i], int(side[k]))
         images = warp_arrays(images, random_transforms(rng, len(i), side[k], strength, part))
         if not mix:
             return (images, y[i]) if w is None else (images, y[i], w[i])

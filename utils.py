@@ -7,6 +7,7 @@ disagree on class names, image size or preprocessing.
 import contextlib
 import errno
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -332,8 +333,6 @@ def choose_backend():
     KERAS_BACKEND is not set, use JAX (which trains and predicts with the same scripts), and say so once."""
     if "KERAS_BACKEND" in os.environ or has_tensorflow():
         return
-    import importlib.util
-
     if not importlib.util.find_spec("jax"):
         fail("neither TensorFlow nor JAX is installed here, and Keras needs one: `pip install -r requirements.txt`")
     os.environ["KERAS_BACKEND"] = "jax"
@@ -357,8 +356,6 @@ def import_keras():
 
 def has_tensorflow():
     """Whether TensorFlow is installed here (found, not imported)."""
-    import importlib.util
-
     return importlib.util.find_spec("tensorflow") is not None
 
 
