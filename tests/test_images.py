@@ -2,6 +2,7 @@
 
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,99 @@ def test_fuzzed_files_decode_or_raise_bad_image_quickly():
         assert time.perf_counter() - t < 5, "one file took over 5 s to decode"
     assert decoded + refused == len(cases) and decoded > 0 and refused > 0
     assert time.perf_counter() - start < 60
+
+
+# --- train.load_images: a split decoded by forked workers --------------------------------------------
+def test_the_workers_decode_every_image_as_load_image_does(real_photos, monkeypatch):
+    """80 real photos: the array equals load_image's pixels one by one, and on Linux none of them was
+    decoded by this process (the forked workers did all of it)."""
+    import os
+    import sys
+
+    import train
+
+    paths = list_images(real_photos)
+    here, real = [], train.load_image
+    monkeypatch.setattr(train, "load_image", lambda p, s: here.append(os.getpid()) or real(p, s))
+    images = train.load_images(paths, 64)
+    assert images.shape == (80, 64, 64, 3) and images.dtype == np.uint8
+    assert all(np.array_equal(images[i], load_image(p, 64)) for i, p in enumerate(paths))
+    if sys.platform == "linux" and len(os.sched_getaffinity(0)) > 1:
+        assert here == [], "the workers did not decode: this process did"
+
+
+def test_a_failing_worker_leaves_its_images_to_the_parent(real_photos, monkeypatch):
+    """A worker that dies (killed, out of memory) costs time, not images: the parent decodes its share."""
+    import os
+
+    import train
+
+    paths, parent, real = list_images(real_photos), os.getpid(), train.load_image
+    odd = set(paths[1::2])
+
+    def dies_in_a_worker(p, s):
+        if os.getpid() != parent and p in odd:
+            os._exit(9)
+        return real(p, s)
+
+    monkeypatch.setattr(train, "load_image", dies_in_a_worker)
+    images = train.load_images(paths, 48)
+    assert all(np.array_equal(images[i], load_image(p, 48)) for i, p in enumerate(paths))
+
+
+def test_a_bad_file_in_a_split_is_named(real_photos, tmp_path):
+    import shutil
+
+    import train
+
+    paths = [shutil.copy(p, tmp_path / p.name) for p in list_images(real_photos)]
+    bad = paths[37]
+    with open(bad, "r+b") as f:
+        f.truncate(400)
+    with pytest.raises(BadImage, match=f"^{bad}: truncated; run prepare_data.py again"):
+        train.load_images([Path(p) for p in paths], 64)
+
+
+def test_ctrl_c_while_loading_stops_the_workers(real_photos, small_split, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import threading
+
+    import train
+
+    def slow(p, s):
+        time.sleep(0.05)  # 80 photos: about 2 s in two workers
+        return load_image(p, s)
+
+    def children():  # this process's child processes, zombies included (Linux: /proc/PID/stat's ppid)
+        found = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.add(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                pass  # a process that ended meanwhile
+        return found
+
+    monkeypatch.setattr(train, "load_image", slow)
+    before = children()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C to this thread, as a terminal's reaches a train.py that has not started TensorFlow's threads
+    threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.load_images(list_images(real_photos), 64)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.perf_counter() - started < 1.5, "waited for the workers instead of stopping them"
+    assert children() == before, "workers left running (or unreaped) after Ctrl-C"
+
+    # train.py itself: one line, exit 130, and no --resume while there is nothing to resume
+    monkeypatch.setattr(train, "load_split", lambda *a: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--data", str(small_split), "--out", str(tmp_path / "m"), "--image-size", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 130 and len(err) == 1, err
+    assert "interrupted before training began; start again with: python train.py" in err[0]
+    assert "--resume" not in err[0]
