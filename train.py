@@ -483,9 +483,9 @@ def load_images(paths, size):
     """The images decoded at size (load_image) into one uint8 array N x size x size x 3.
 
     On Linux, one forked process per core decodes every k-th image into memory shared with this one
-    (threads hold one GIL for much of PIL's work: on 2 cores they took 2.2x as long, and sending the
-    pixels back from a process pool cost about half as much as decoding them). Call it before TensorFlow
-    or JAX start their threads, which fork does not copy. A worker that fails leaves its images to this
+    (threads hold one GIL for much of PIL's work: on 2 cores they took 2.5x as long, benchmarks/load_speed.py;
+    sending the pixels back from a process pool cost about half as much as decoding them). Call it before
+    TensorFlow or JAX start their threads, which fork does not copy. A worker that fails leaves its images to this
     process, which decodes them itself, so a bad file raises here as usual, naming the file."""
     count, shape = len(paths), (size, size, 3)
     shared = mmap.mmap(-1, max(count, 1) * size * size * 3)  # MAP_SHARED: the workers' writes land here
