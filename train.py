@@ -487,9 +487,9 @@ def load_images(paths, size):
     sending the pixels back from a process pool cost about half as much as decoding them). Call it before
     TensorFlow or JAX start their threads, which fork does not copy. A worker that fails leaves its images to this
     process, which decodes them itself, so a bad file raises here as usual, naming the file."""
-    count, shape = len(paths), (size, size, 3)
+    count = len(paths)
     shared = mmap.mmap(-1, max(count, 1) * size * size * 3)  # MAP_SHARED: the workers' writes land here
-    images = np.frombuffer(shared, np.uint8, count * size * size * 3).reshape(count, *shape)
+    images = np.frombuffer(shared, np.uint8, count * size * size * 3).reshape(count, size, size, 3)
 
     def decode(indices):
         for i in indices:
@@ -1185,8 +1185,8 @@ def train(args, out, work, config, derived, class_names, splits):
     started = time.perf_counter()
 
     # 1. data: each split (listed by read_split) into memory, or, when that does not fit (or --stream),
-    # decoded once into a cache on disk that each batch is read from; first, while this is the only
-    # thread that load_images' forked workers copy
+    # decoded once into a cache on disk that each batch is read from; first, before TensorFlow or JAX
+    # start their thread pools (load_images forks its workers)
     in_memory = check_memory([len(paths) for paths, _ in splits], args.image_size, args.batch_size, args.stream)
     if in_memory:
         loaded = [load_split(*split, args.image_size) for split in splits]

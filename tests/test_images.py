@@ -1,12 +1,18 @@
 """The one image loader shared by prepare_data, train and predict."""
 
+import os
 import random
+import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import train
 from conftest import BROKEN, VALID, encode, exif_rotated, photo
 from utils import BadImage, list_images, load_image, open_image
 
@@ -85,11 +91,6 @@ def test_fuzzed_files_decode_or_raise_bad_image_quickly():
 def test_the_workers_decode_every_image_as_load_image_does(real_photos, monkeypatch):
     """80 real photos: the array equals load_image's pixels one by one, and on Linux none of them was
     decoded by this process (the forked workers did all of it)."""
-    import os
-    import sys
-
-    import train
-
     paths = list_images(real_photos)
     here, real = [], train.load_image
     monkeypatch.setattr(train, "load_image", lambda p, s: here.append(os.getpid()) or real(p, s))
@@ -102,10 +103,6 @@ def test_the_workers_decode_every_image_as_load_image_does(real_photos, monkeypa
 
 def test_a_failing_worker_leaves_its_images_to_the_parent(real_photos, monkeypatch):
     """A worker that dies (killed, out of memory) costs time, not images: the parent decodes its share."""
-    import os
-
-    import train
-
     paths, parent, real = list_images(real_photos), os.getpid(), train.load_image
     odd = set(paths[1::2])
 
@@ -120,10 +117,6 @@ def test_a_failing_worker_leaves_its_images_to_the_parent(real_photos, monkeypat
 
 
 def test_a_bad_file_in_a_split_is_named(real_photos, tmp_path):
-    import shutil
-
-    import train
-
     paths = [shutil.copy(p, tmp_path / p.name) for p in list_images(real_photos)]
     bad = paths[37]
     with open(bad, "r+b") as f:
@@ -133,12 +126,6 @@ def test_a_bad_file_in_a_split_is_named(real_photos, tmp_path):
 
 
 def test_ctrl_c_while_loading_stops_the_workers(real_photos, small_split, tmp_path, monkeypatch, capsys):
-    import os
-    import signal
-    import threading
-
-    import train
-
     def slow(p, s):
         time.sleep(0.05)  # 80 photos: about 2 s in two workers
         return load_image(p, s)
