@@ -4,7 +4,9 @@
     python prepare_data.py --source ../shared/data/flowers-5-256px.zip --out data/flowers
 
 1. Read the source (the Microsoft zip, downloaded once into data/; a local zip; or a folder):
-   each sub-folder is a class (images found recursively below it), its name the class name.
+   each sub-folder holding images is a class (images found recursively below it), its name the
+   class name. Folders wrapping the classes are looked through; files that are not named as
+   images, hidden files and __MACOSX/ never make a class, and report.json lists them as skipped.
 2. Hash every file: byte-identical files are kept once, and a picture found
    under two classes is dropped from both.
 3. Decode each file in parallel; whatever is not a whole image is dropped, the
@@ -102,59 +104,79 @@ def fetch(url):
     cache = CACHE_DIR.resolve()
     cache.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp when the folder is missing
     try:
-        return Path(keras.utils.get_file(name, origin=url, cache_dir=str(cache), cache_subdir="downloads"))
+        path = Path(keras.utils.get_file(name, origin=url, cache_dir=str(cache), cache_subdir="downloads"))
     except Exception as e:  # get_file raises bare Exceptions for network errors
         raise UserError(
             f"could not download {url} ({str(e).splitlines()[0]}); "
             "download the zip yourself and pass --source path/to/kagglecatsanddogs_5340.zip"
         ) from None
+    if not zipfile.is_zipfile(path):  # a download killed mid-way leaves the start of the file
+        raise UserError(f"{path}, downloaded from {url}, is not a whole zip; delete it and run again")
+    return path
 
 
 def layout(paths, source):
     """Classes of a source from its file paths (relative, POSIX): [(name, folder in the split)] in label
     order, and for each path its label, or None for a file outside the class folders.
 
-    One top folder wrapping everything (PetImages/, flowers/) is looked through. Each remaining
-    top-level folder is a class, its images found recursively below it; its name is the class name,
-    in sorted order. Cat/ and Dog/ (any case) alone are the Microsoft archive: classes cat and dog
-    in folders cats/ and dogs/."""
+    Only files named as images decide the layout; anything else (a licence, a readme, Thumbs.db) never
+    makes a class or hides one. Folders that hold the images of only one sub-folder (PetImages/, flowers/,
+    data/) are looked through, at any depth. Then each sub-folder holding images is a class, its images
+    found recursively below it; its name is the class name, in sorted order. Cat/ and Dog/ (any case) alone
+    are the Microsoft archive: classes cat and dog in folders cats/ and dogs/."""
     parts = [PurePosixPath(p).parts for p in paths]
-    while parts and len({p[0] for p in parts}) == 1 and all(len(p) > 2 or not is_image(p[-1]) for p in parts):
-        parts = [p[1:] if len(p) > 1 else p for p in parts]  # look through the one wrapping folder
-    loose = [p for p, q in zip(paths, parts, strict=True) if len(q) == 1 and is_image(q[0])]
-    if loose:
+    images = [p for p in parts if is_image(p[-1])]
+    if not images:
         raise UserError(
-            f"{len(loose)} image(s) lie loose beside the class folders of {source} (such as {loose[0]}); "
-            "put every image in the sub-folder of its class"
+            f"no images found in {source} (files ending in {', '.join(IMAGE_EXTENSIONS)}); "
+            "expected one sub-folder of images per class"
         )
-    folders = sorted({q[0] for q in parts if len(q) > 1})
+    root = ()  # the folder whose sub-folders are the classes
+    while True:
+        below = [p[len(root) :] for p in images]
+        folders = sorted({q[0] for q in below if len(q) > 1})
+        loose = ["/".join(root + q) for q in below if len(q) == 1]
+        if loose or len(folders) != 1:
+            break
+        root += (folders[0],)
+    if loose and folders:
+        raise UserError(
+            f"{len(loose)} image(s) of {source} lie loose beside the class folders "
+            f"{', '.join(f + '/' for f in folders)} (such as {loose[0]}); put every image in the folder of its class"
+        )
+    if loose:
+        found = f"all in one folder, {'/'.join(root)}/: one class only" if root else "loose, in no folder"
+        raise UserError(
+            f"the images of {source} are {found}; it needs two or more sub-folders, one per class, "
+            "with the images of that class inside (as the Microsoft archive's PetImages/Cat and PetImages/Dog)"
+        )
     if {f.lower() for f in folders} == set(MICROSOFT_CLASSES) and len(folders) == 2:
         folders.sort(key=str.lower)
         classes = [MICROSOFT_CLASSES[f.lower()][::-1] for f in folders]
     else:
         classes = [(f, f) for f in folders]
-    if len(classes) < 2:
-        found = f"only the class folder {folders[0]}/" if folders else "no class folders"
-        raise UserError(
-            f"{source} has {found}; it needs two or more sub-folders, one per class, "
-            "with the images of that class inside (or the Microsoft archive's PetImages/Cat and PetImages/Dog)"
-        )
     index = {f: i for i, f in enumerate(folders)}
-    return classes, [index[q[0]] if len(q) > 1 else None for q in parts]
+    n = len(root)
+    return classes, [index[q[n]] if len(q) > n + 1 and q[:n] == root and q[n] in index else None for q in parts]
 
 
 def is_image(name):
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def skipped(parts):
-    """Files no user counts as data: macOS's resource forks and hidden files such as .DS_Store."""
-    return "__MACOSX" in parts or any(p.startswith(".") for p in parts)
+def hidden(parts):
+    """Why a file is no one's data, or None: macOS's resource forks (__MACOSX/), and hidden files and
+    folders (.DS_Store, .ipynb_checkpoints/)."""
+    if "__MACOSX" in parts:
+        return "macOS resource fork (__MACOSX)"
+    if any(p.startswith(".") for p in parts):
+        return "hidden"
+    return None
 
 
 def read_source(source):
-    """(classes, files): the classes [(name, folder)] in label order, and (relative path, label, reader)
-    for every file below a class folder of the source."""
+    """(classes, files, skipped): the classes [(name, folder)] in label order; (relative path, label, reader)
+    for every file below a class folder of the source; and {"path", "reason"} for every other file."""
     if "://" in str(source):
         source = fetch(str(source))
     source = Path(source)
@@ -163,24 +185,27 @@ def read_source(source):
             f"--source {source} does not exist; pass the Microsoft zip, or a folder or zip with one sub-folder "
             "of images per class"
         )
-    found = []
     if source.is_dir():
-        for path in sorted(source.rglob("*")):
-            rel = path.relative_to(source).as_posix()
-            if path.is_file() and not skipped(PurePosixPath(rel).parts):
-                found.append((rel, path))
+        found = [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*")) if p.is_file()]
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
-            for info in sorted(zf.infolist(), key=lambda i: i.filename):
-                if not info.is_dir() and not skipped(PurePosixPath(info.filename).parts):
-                    found.append((info.filename, (source, info.filename)))
+            names = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+        found = [(name, (source, name)) for name in names]
     else:
         raise UserError(f"--source {source} is neither a zip file nor a folder")
+    skipped = [{"path": rel, "reason": why} for rel, _ in found if (why := hidden(PurePosixPath(rel).parts))]
+    found = [(rel, where) for rel, where in found if not hidden(PurePosixPath(rel).parts)]
     if not found:
         raise UserError(f"no files found in {source}; expected one sub-folder of images per class")
     classes, labels = layout([rel for rel, _ in found], source)
-    files = [(rel, label, where) for (rel, where), label in zip(found, labels, strict=True) if label is not None]
-    return classes, files
+    files, outside = [], []
+    for (rel, where), label in zip(found, labels, strict=True):
+        if label is None:
+            outside.append({"path": rel, "reason": "not in a class folder"})
+        else:
+            files.append((rel, label, where))
+    skipped += outside
+    return classes, files, sorted(skipped, key=lambda s: s["path"])
 
 
 _zips = {}
@@ -226,14 +251,17 @@ TOO_LARGE = f"larger than {MAX_FILE_BYTES // 2**20} MB (no photo is; a zip bomb 
 # --- 2. duplicates -----------------------------------------------------------
 def hash_file(where):
     """SHA-256 of the file, hashed while streaming; or None for a file to drop, with the reason."""
-    digest = hashlib.sha256()
+    digest, size = hashlib.sha256(), 0
     try:
         for chunk in read_chunks(where):
             digest.update(chunk)
+            size += len(chunk)
     except TooLarge:
         return None, TOO_LARGE
     except (OSError, zipfile.BadZipFile, EOFError) as e:  # a damaged member (bad CRC, cut short)
         return None, f"unreadable ({e})"
+    if size == 0:  # two empty files are no picture filed twice (the archive has one in Cat/, one in Dog/)
+        return None, "empty file"
     return digest.hexdigest(), None
 
 
@@ -319,7 +347,7 @@ def prepare(args):
         "limit": args.limit,
         "max_side": args.max_side,
     }
-    classes, files = read_source(args.source)
+    classes, files, skipped = read_source(args.source)
     config["source_files"] = len(files)
     if "://" not in source_desc:
         st = Path(source_desc).stat()
@@ -381,7 +409,7 @@ def prepare(args):
     # each file takes whole blocks on disk: count 4 kB more per file
     check_space(args.out.parent, sum(len(jpeg) + 4096 for items in kept.values() for _, jpeg in items))
     try:
-        report = write_split(args, classes, kept, dropped, config, tmp, started)
+        report = write_split(args, classes, kept, dropped, skipped, config, tmp, started)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a split filling the disk
         if is_disk_full(e):
@@ -410,7 +438,7 @@ def check_every_split_gets_one(classes, kept, args):
             )
 
 
-def write_split(args, classes, kept, dropped, config, tmp, started):
+def write_split(args, classes, kept, dropped, skipped, config, tmp, started):
     """The split's files and report.json, in tmp."""
     splits = {s: {folder: 0 for _, folder in classes} for s in SPLITS}
     for label, items in kept.items():
@@ -433,6 +461,7 @@ def write_split(args, classes, kept, dropped, config, tmp, started):
         "splits": splits,
         "kept": sum(len(v) for v in kept.values()),
         "dropped": sorted(dropped, key=lambda d: d["path"]),
+        "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(tmp / "report.json", report)
@@ -447,6 +476,9 @@ def print_table(report):
     print(f"\nkept {report['kept']} images, dropped {len(report['dropped'])} in {report['seconds']} s")
     for reason, n in sorted(reasons.items()):
         print(f"  dropped {n:6d}  {reason}")
+    for reason in sorted({s["reason"] for s in report["skipped"]}):
+        n = sum(s["reason"] == reason for s in report["skipped"])
+        print(f"  skipped {n:6d}  {reason}")
     width = max(len("class"), *(len(c["folder"]) for c in report["classes"]))
     print(f"\n{'class':<{width}}" + "".join(f"{s:>8}" for s in SPLITS))
     for c in report["classes"]:

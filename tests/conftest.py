@@ -1,9 +1,13 @@
-"""Shared fixtures: real photos from ../shared, and images with every defect, made with PIL."""
+"""Shared fixtures: real photos from ../shared, images with every defect made with PIL, and a replica of the
+Microsoft archive served from 127.0.0.1."""
 
+import functools
+import http.server
 import io
 import os
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -73,13 +77,107 @@ def real_photos(shared_zip, tmp_path_factory):
 TINY = ["--epochs", "1", "--batch-size", "16", "--image-size", "64"]
 
 
+def pet_photos(zip_path, cls, start, n):
+    """n real photos (jpeg bytes) of the shared zip's class folder cls ("Cat" or "Dog"), from the start-th on."""
+    with zipfile.ZipFile(zip_path) as zf:
+        names = sorted(m for m in zf.namelist() if m.startswith(f"PetImages/{cls}/") and m.endswith(".jpg"))
+        return [zf.read(m) for m in names[start : start + n]]
+
+
+def reencoded(jpeg, fmt, mode="RGB"):
+    """A real photo saved again in another mode or format (under a .jpg name, as the archive has them)."""
+    with Image.open(io.BytesIO(jpeg)) as img:
+        return encode(img.convert(mode), fmt)
+
+
+# kagglecatsanddogs_5340.zip's root files, and its defects in PetImages/: the reason each is dropped.
+ARCHIVE_ROOT = {"CDLA-Permissive-2.0.pdf": b"%PDF-1.5\n" + bytes(300), "readme[1].txt": b"Cats and dogs.\r\n"}
+ARCHIVE_DEFECTS = {
+    "Cat/666.jpg": "empty file",
+    "Dog/11702.jpg": "empty file",
+    "Cat/Thumbs.db": "not an image",
+    "Dog/Thumbs.db": "not an image",
+    "Cat/cut.jpg": "truncated",
+    "Cat/dup.jpg": "duplicate of Cat/0.jpg",
+    "Cat/both.jpg": "same picture in 2 classes",
+    "Dog/both.jpg": "same picture in 2 classes",
+}
+
+
+def write_microsoft_replica(zip_path, shared):
+    """A zip shaped like Microsoft's kagglecatsanddogs_5340.zip, made of 62 real photos: a licence and a
+    readme beside PetImages/, a Thumbs.db and a zero-length file in Cat/ and Dog/, PNG, BMP, GIF, CMYK and
+    grayscale images under .jpg names, a JPEG cut short, a copy and a photo in both classes.
+    Cleaned, it holds 30 photos of each class."""
+    cats, dogs = pet_photos(shared, "Cat", 0, 32), pet_photos(shared, "Dog", 0, 30)
+    files = {f"PetImages/Cat/{i}.jpg": jpeg for i, jpeg in enumerate(cats[:25])}
+    files |= {f"PetImages/Dog/{i}.jpg": jpeg for i, jpeg in enumerate(dogs)}
+    odd = [("PNG", "RGB"), ("BMP", "RGB"), ("GIF", "P"), ("JPEG", "CMYK"), ("JPEG", "L")]
+    files |= {f"PetImages/Cat/{1000 + i}.jpg": reencoded(cats[25 + i], *kind) for i, kind in enumerate(odd)}
+    defects = {"666.jpg": b"", "11702.jpg": b"", "cut.jpg": cats[30][: len(cats[30]) // 2]}
+    defects |= {"dup.jpg": cats[0], "both.jpg": cats[31]}
+    for path in ARCHIVE_DEFECTS:
+        cls, name = path.split("/")
+        # Thumbs.db: an OLE file of that folder's thumbnails, as Windows writes them
+        thumbs = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + cls.encode() * 200
+        files[f"PetImages/{path}"] = thumbs if name == "Thumbs.db" else defects[name]
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for name, data in {**ARCHIVE_ROOT, **files}.items():
+            zf.writestr(name, data)
+    return zip_path
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Serves one folder on 127.0.0.1 and notes the path of every GET."""
+
+    def __init__(self, folder):
+        self.requests = []
+        handler = functools.partial(Handler, directory=str(folder))
+        super().__init__(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+# urllib would send even 127.0.0.1 to a proxy named in the environment
+NO_PROXY = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
 @pytest.fixture(scope="session")
-def small_split(real_photos, tmp_path_factory):
-    """A split of 30 real photos per class (24/3/3), made by prepare_data.py."""
-    out = tmp_path_factory.mktemp("split") / "processed"
-    result = run("prepare_data.py", "--source", real_photos.parent, "--out", out, "--limit", "30")
+def archive_server(shared_zip, tmp_path_factory):
+    """The replica of the Microsoft archive, served as http://127.0.0.1:PORT/kagglecatsanddogs_5340.zip."""
+    folder = tmp_path_factory.mktemp("served")
+    write_microsoft_replica(folder / "kagglecatsanddogs_5340.zip", shared_zip)
+    server = Server(folder)
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def readme_project(archive_server, tmp_path_factory):
+    """A folder where the README's first step ran on the replica: `python prepare_data.py`, with --source
+    pointing at the local server instead of Microsoft's (the same download path: get_file into data/)."""
+    project = tmp_path_factory.mktemp("project")
+    url = archive_server.url("kagglecatsanddogs_5340.zip")
+    result = run("prepare_data.py", "--source", url, cwd=project, env=NO_PROXY)
     assert result.returncode == 0, result.stderr
-    return out
+    return project, result
+
+
+@pytest.fixture(scope="session")
+def small_split(readme_project):
+    """The split of the replica of the Microsoft archive: 30 real photos per class (24/3/3)."""
+    return readme_project[0] / "data" / "processed"
 
 
 def photo(size=(120, 90), seed=0):

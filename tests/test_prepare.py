@@ -176,6 +176,15 @@ def test_url_source_is_downloaded_once_into_the_cache(many, tmp_path, monkeypatc
     assert hashlib.sha256(cached.read_bytes()).digest() == hashlib.sha256(zpath.read_bytes()).digest()
 
 
+def test_a_cut_short_download_in_the_cache_is_named(tmp_path, monkeypatch):
+    cached = tmp_path / "cache" / "downloads" / "kagglecatsanddogs_5340.zip"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"PK\x03\x04" + bytes(100))  # the first bytes of a zip, as a killed download leaves them
+    monkeypatch.setattr(prepare_data, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(prepare_data.UserError, match="is not a whole zip; delete it and run again"):
+        prep("--source", "http://127.0.0.1:9/kagglecatsanddogs_5340.zip", "--out", tmp_path / "out")
+
+
 def test_offline_download_fails_in_one_line_naming_source(tmp_path):
     result = run(
         "prepare_data.py",
@@ -198,8 +207,8 @@ def test_bad_sources_fail_in_one_line(tmp_path, source, message):
 
 
 def test_real_archive_duplicates_are_dropped(shared_zip, tmp_path):
-    classes, files = prepare_data.read_source(shared_zip)
-    assert classes == [("cat", "cats"), ("dog", "dogs")]
+    classes, files, skipped = prepare_data.read_source(shared_zip)
+    assert classes == [("cat", "cats"), ("dog", "dogs")] and skipped == []
     digests = [prepare_data.hash_file(w)[0] for _, _, w in files]
     drop = prepare_data.find_duplicates(files, digests)
     both = [p for p, r in drop.items() if r == "same picture in 2 classes"]

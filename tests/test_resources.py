@@ -270,7 +270,7 @@ def test_the_space_estimate_opens_the_zip_once(shared_zip, monkeypatch):
     opened = []
     real = zipfile.ZipFile
     monkeypatch.setattr(prepare_data.zipfile, "ZipFile", lambda *a, **k: opened.append(a) or real(*a, **k))
-    _, files = prepare_data.read_source(shared_zip)
+    _, files, _ = prepare_data.read_source(shared_zip)
     estimate = prepare_data.estimated_output(files, prepare_data.parse_args(["--source", str(shared_zip)]))
     assert len(opened) == 2  # read_source's listing, and the estimate's
     assert 20e6 < estimate < 200e6  # a low estimate: the 180 px split really takes 238 MB
