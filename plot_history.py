@@ -21,18 +21,12 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils import (  # noqa: E402
-    IMAGE_SIZE,
-    MODEL_DIR,
-    UserError,
-    blend,
-    fail,
-    heat_map,
-    load_image,
-    probabilities_and_maps,
-    save_figure,
-    save_image_grid,
-)
+from utils.config import IMAGE_SIZE, MODEL_DIR  # noqa: E402
+from utils.explain import blend, heat_map, probabilities_and_maps  # noqa: E402
+from utils.files import UserError, fail  # noqa: E402
+from utils.images import load_image  # noqa: E402
+from utils.plots import save_figure, save_image_grid  # noqa: E402
+from utils.runtime import load_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -130,9 +124,7 @@ def plot_confusion(predictions, out):
 
 
 def explainer(folder):
-    """The model that train.py saved in folder, ready to draw heat maps (predict.load_model), or None with a note."""
-    from predict import load_model
-
+    """The model that train.py saved in folder, ready to draw heat maps (load_model), or None with a note."""
     try:
         return load_model(folder, explain=True)
     except UserError as e:

@@ -16,42 +16,18 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from utils import (
-    IMAGE_EXTENSIONS,
-    LABELS_FILE,
-    LITERT_FILE,
-    MODEL_DIR,
-    MODEL_FILE,
-    BadImage,
-    UserError,
-    atomic_write,
-    blend,
-    class_names_layer,
-    class_probabilities,
-    explaining_model,
-    fail,
-    heat_colors,
-    heat_map,
-    heat_palette,
-    import_keras,
-    list_images,
-    load_image,
-    names_of_keras_model,
-    probabilities_and_maps,
-    quiet_stderr,
-    read_labels,
-    save_image_grid,
-    unpack_labels,
-)
-
-BATCH = 64  # images decoded and predicted at a time, so memory stays flat for any number of files
+from utils.config import IMAGE_EXTENSIONS, LITERT_FILE, MODEL_DIR, MODEL_FILE
+from utils.evaluate import class_probabilities
+from utils.explain import blend, heat_map, heat_palette, probabilities_and_maps
+from utils.files import BadImage, UserError, fail
+from utils.images import list_images, load_image
+from utils.plots import save_image_grid, write_picture
+from utils.runtime import BATCH, default_model, load_model
 
 
 def parse_args(argv=None):
@@ -113,149 +89,6 @@ def collect(paths):
     return files
 
 
-def litert_available():
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_model():
-    """models/cats_vs_dogs.tflite when it is there and LiteRT imports (no TensorFlow start-up), else the .keras file."""
-    litert = MODEL_DIR / LITERT_FILE
-    return litert if litert.is_file() and litert_available() else MODEL_DIR / MODEL_FILE
-
-
-def model_in(folder):
-    """The model file in a folder train.py wrote: its .tflite when LiteRT imports, else its .keras."""
-    for suffix in (".tflite", ".keras") if litert_available() else (".keras",):
-        found = sorted(folder.glob(f"*{suffix}"))
-        if len(found) == 1:
-            return found[0]
-    raise UserError(f"{folder} holds no single .keras or .tflite model; pass --model FILE")
-
-
-class Loaded(NamedTuple):
-    """A model ready to predict: run(batch of uint8 images) -> its outputs; explain(batch) -> (outputs, each
-    output's Grad-CAM map), or None when not asked for or the file has no maps (utils.explaining_model)."""
-
-    run: Callable
-    size: int
-    names: list
-    explain: Callable | None
-
-
-def load_model(path, explain=False):
-    """The Loaded model of a .keras or .tflite file that carries its class names (or has labels.txt beside
-    it); explain: also its heat maps (UserError when the file cannot give them)."""
-    if path.is_dir():
-        path = model_in(path)
-    if not path.is_file():
-        raise UserError(f"model {path} not found; train one with `python train.py` or pass --model FILE")
-    load = load_litert if path.suffix.lower() == ".tflite" else load_keras
-    run, shape, out_shape, names, explainer = load(path, explain)
-    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or not shape[1] or len(out_shape) != 2:
-        raise UserError(
-            f"{path} takes input {tuple(shape)} and gives {tuple(out_shape)}; "
-            "expected a model from train.py (square RGB images in, class probabilities out)"
-        )
-    if names is None and (path.parent / LABELS_FILE).is_file():
-        names = read_labels((path.parent / LABELS_FILE).read_bytes())
-    if names is None:
-        raise UserError(f"{path} carries no class names and has no {LABELS_FILE} beside it; retrain it with train.py")
-    outputs = out_shape[1]
-    if len(names) != (2 if outputs == 1 else outputs) or len(set(names)) != len(names) or outputs < 1:
-        raise UserError(
-            f"{path} gives {outputs} output(s) but names {len(names)} classes ({', '.join(names[:5])}"
-            f"{', ...' if len(names) > 5 else ''}); its class names do not match its outputs"
-        )
-    if explain and explainer is None:
-        raise UserError(
-            f"{path} has no heat maps (a LiteRT file from before --explain, or a model not built by train.py); "
-            f"export it again with `python train.py --export {path.with_suffix('.keras')}` or pass its .keras file"
-        )
-    return Loaded(run, int(shape[1]), list(names), explainer if explain else None)
-
-
-def load_keras(path, explain=False):
-    keras = import_keras()
-    class_names_layer()  # registers the layer that carries the names, so load_model finds it
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as e:  # a user's file can fail to load in many ways
-        raise UserError(
-            f"{path} is not a Keras model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
-        ) from None
-    if isinstance(model.input_shape, list) or isinstance(model.output_shape, list):
-        return None, (), (), None, None
-
-    def run(batch):
-        """Full batches run through Keras's compiled predict step (about 2x faster here once traced);
-        smaller ones, a single photo say, run eagerly and so skip the tracing."""
-        if len(batch) == BATCH:
-            return np.asarray(model.predict_on_batch(batch))
-        return np.asarray(model(batch, training=False))  # any backend's tensor
-
-    explain_run = None
-    try:
-        explainer = explaining_model(model) if explain else None
-    except ValueError:  # not the network of utils.build_model: no maps to give
-        explainer = None
-    if explainer is not None:
-
-        def explain_run(batch):
-            outputs = explainer.predict_on_batch(batch) if len(batch) == BATCH else explainer(batch, training=False)
-            return tuple(np.asarray(o) for o in outputs)
-
-    return run, tuple(model.input_shape), tuple(model.output_shape), names_of_keras_model(model), explain_run
-
-
-def load_litert(path, explain=False):
-    """The LiteRT interpreter of a .tflite file (numpy in, numpy out; TensorFlow is never imported). train.py's
-    files have two outputs: the class probabilities, and the heat maps (4-D) that --explain draws."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        keras_copy = path.with_suffix(".keras")
-        raise UserError(
-            f"{path} needs the LiteRT runtime: `pip install ai-edge-litert`, or pass --model {keras_copy}"
-        ) from None
-    try:
-        with quiet_stderr():  # LiteRT prints its delegate notice, and its own error, to stderr
-            interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
-        (inp,), outs = interpreter.get_input_details(), interpreter.get_output_details()
-        (out,) = [o for o in outs if len(o["shape"]) != 4] or [None]
-        maps = ([o for o in outs if len(o["shape"]) == 4] or [None])[0]
-    except Exception as e:
-        raise UserError(
-            f"{path} is not a LiteRT model file ({type(e).__name__}); pass a .keras or .tflite file from train.py"
-        ) from None
-    if inp["dtype"] != np.float32 or out is None or len(outs) > 2:
-        return None, (), (), None, None
-    batch_of = [None]
-
-    def invoke(batch):
-        if batch_of[0] != len(batch):  # the interpreter plans its memory for one batch size
-            interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
-            with quiet_stderr():  # the XNNPACK delegate announces itself here
-                interpreter.allocate_tensors()
-            batch_of[0] = len(batch)
-        interpreter.set_tensor(inp["index"], np.asarray(batch, dtype=np.float32))
-        interpreter.invoke()
-
-    def run(batch):
-        invoke(batch)
-        return interpreter.get_tensor(out["index"]).copy()
-
-    def explain_run(batch):
-        invoke(batch)
-        return interpreter.get_tensor(out["index"]).copy(), interpreter.get_tensor(maps["index"]).copy()
-
-    explainer = explain_run if maps is not None else None
-    return run, tuple(inp["shape"]), tuple(out["shape"]), unpack_labels(path), explainer
-
-
 def predict(files, run, size, explain=None):
     """Yield (path, class probabilities or None, error or None, image or None, class maps or None) for each
     file, in order; the maps (h x w x classes, utils.probabilities_and_maps) when explain is given."""
@@ -306,38 +139,6 @@ def show(results, out, explained=False):
         images = [blend(img, heat) if explained else img for _, _, _, img, heat in results]
         title = f"{'Where the model looked: ' if explained else 'Predictions of '}{len(results)} images"
         save_image_grid(images, titles, title, out, cols=6, heat_legend=explained)
-
-
-SCALE = 2  # --explain's pictures draw the model's 160 px view at twice its size
-
-
-def picture(img, class_map, title):
-    """One explained image: the photo as the model saw it and, beside it, the same under the heat map of the
-    label's class_map, a title, and a colour bar that says what the colours mean."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    side = img.shape[0] * SCALE
-    pad, top, bar = 8, 30, 34
-    canvas = Image.new("RGB", (2 * side + 3 * pad, top + side + bar), "white")
-    photo = Image.fromarray(img).resize((side, side), Image.BILINEAR)
-    canvas.paste(photo, (pad, top))
-    canvas.paste(Image.fromarray(blend(np.asarray(photo), heat_map(class_map, side))), (2 * pad + side, top))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=15)
-    draw.text((pad, 7), title, fill="black", font=font)
-    x0, x1, y = 2 * pad + side, 2 * pad + 2 * side, top + side + 6
-    canvas.paste(Image.fromarray(heat_colors(np.linspace(0, 1, x1 - x0)[None].repeat(8, 0))), (x0, y))
-    small = ImageFont.load_default(size=12)
-    draw.text((x0, y + 10), "looked less", fill="black", font=small)
-    draw.text((x1, y + 10), "looked most", fill="black", font=small, anchor="ra")
-    return canvas
-
-
-def write_picture(path, img, class_map, title):
-    """Draw one explained picture and save it whole, as JPEG: 40 kB and under a millisecond (a PNG is 5x
-    larger and 20x slower to write, which a folder of thousands of photos feels)."""
-    image = picture(img, class_map, title)
-    atomic_write(path, lambda tmp: image.save(tmp, "JPEG", quality=90))
 
 
 def picture_path(folder, path, taken):

@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import DATA_DIR, import_keras, split_classes, write_json  # noqa: E402
+from utils.backend import import_keras  # noqa: E402
+from utils.config import DATA_DIR  # noqa: E402
+from utils.files import write_json  # noqa: E402
+from utils.images import split_classes  # noqa: E402
 
 SIZE, BATCH = 150, 100
 AUGMENTATION = dict(

@@ -1,4 +1,4 @@
-"""Decoding a split into memory: train.load_images (forked workers) against threads, on one machine.
+"""Decoding a split into memory: utils.images.load_images (forked workers) against threads, on one machine.
 
     python benchmarks/load_speed.py                      # the three splits of data/processed at 160 px
     python benchmarks/load_speed.py --rounds 5 --image-size 64
@@ -19,8 +19,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-from utils import DATA_DIR, IMAGE_SIZE, cpu_model, load_image  # noqa: E402
+from utils.backend import cpu_model  # noqa: E402
+from utils.config import DATA_DIR, IMAGE_SIZE  # noqa: E402
+from utils.images import load_image, load_images, read_split  # noqa: E402
 
 
 def threads(paths, size):
@@ -34,13 +35,13 @@ def main():
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="side length to decode at (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="times each loader runs (default: %(default)s)")
     args = p.parse_args()
-    _, splits = train.read_split(args.data)
+    _, splits = read_split(args.data)
     paths = [path for split_paths, _ in splits for path in split_paths]
     print(f"CPU: {cpu_model()}; {len(paths)} images at {args.image_size} px", flush=True)
     seconds = {"threads": [], "load_images": []}
     for r in range(args.rounds):
         arrays = {}
-        for name, load in (("threads", threads), ("load_images", train.load_images)):
+        for name, load in (("threads", threads), ("load_images", load_images)):
             start = time.perf_counter()
             arrays[name] = load(paths, args.image_size)
             seconds[name].append(time.perf_counter() - start)

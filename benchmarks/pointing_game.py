@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils import heat_map, load_image, open_image, probabilities_and_maps  # noqa: E402
+from utils.explain import heat_map, probabilities_and_maps  # noqa: E402
+from utils.images import load_image, open_image  # noqa: E402
+from utils.runtime import default_model, load_model  # noqa: E402
 
 SHARED_ZIP = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "PetImages-180px.zip"
 BACKGROUNDS = ("grey", "noise")
@@ -47,7 +49,7 @@ def canvases(zip_path, n, seed, background="grey", scale=3):
 
 def hits(model, games, transform=None):
     """Per canvas: does the peak of the chosen label's heat map fall inside the photo? model: a
-    predict.Loaded with explain; transform(heat) -> heat, to check that a wrong map does score lower."""
+    utils.runtime.Loaded with explain; transform(heat) -> heat, to check that a wrong map does score lower."""
     out = []
     for png, (x0, y0, x1, y1), side in games:
         image = load_image(png, model.size)[None]
@@ -62,15 +64,13 @@ def hits(model, games, transform=None):
 
 
 def main(argv=None):
-    import predict
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="model file or folder (default: predict.py's default)")
     p.add_argument("--zip", type=Path, default=SHARED_ZIP, help="photos to paste (default: %(default)s)")
     p.add_argument("--n", type=int, default=200, help="canvases per background (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="which photos and places (default: %(default)s)")
     args = p.parse_args(argv)
-    model = predict.load_model(args.model or predict.default_model(), explain=True)
+    model = load_model(args.model or default_model(), explain=True)
     for background in BACKGROUNDS:
         score = hits(model, canvases(args.zip, args.n, args.seed, background))
         mirrored = hits(model, canvases(args.zip, args.n, args.seed, background), lambda h: h[::-1, ::-1])

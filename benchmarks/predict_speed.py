@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import LITERT_FILE, MODEL_DIR, MODEL_FILE, list_images  # noqa: E402
+from utils.config import LITERT_FILE, MODEL_DIR, MODEL_FILE  # noqa: E402
+from utils.images import list_images  # noqa: E402
 
 
 def seconds(*command):

@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import DATA_DIR, cpu_model  # noqa: E402
+from utils.backend import cpu_model  # noqa: E402
+from utils.config import DATA_DIR  # noqa: E402
 
 
 def baseline_epoch(data, out):

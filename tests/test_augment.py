@@ -1,4 +1,4 @@
-"""train.augment: one seeded random warp per image, mirrored or not, and nothing else when the
+"""utils.engine_tf.augment: one seeded random warp per image, mirrored or not, and nothing else when the
 other transforms are off."""
 
 from unittest import mock
@@ -6,22 +6,24 @@ from unittest import mock
 import numpy as np
 import pytest
 
-import train
+import utils.engine_tf
+import utils.images
+import utils.warps
 
 
 @pytest.fixture(scope="module")
 def photos(small_split):
-    from utils import split_classes
+    from utils.images import list_split, load_split, split_classes
 
-    images, _, _ = train.load_split(*train.list_split(small_split, "train", split_classes(small_split)[1]), 64)
+    images, _, _ = load_split(*list_split(small_split, "train", split_classes(small_split)[1]), 64)
     return images.astype("float32")  # 48 real photos
 
 
 def warp(images, seed, **settings):
     import tensorflow as tf
 
-    with mock.patch.dict(train.AUGMENTATION, settings):
-        return train.augment(tf.constant(images), tf.constant(seed, "int64")).numpy()
+    with mock.patch.dict(utils.warps.AUGMENTATION, settings):
+        return utils.engine_tf.augment(tf.constant(images), tf.constant(seed, "int64")).numpy()
 
 
 def test_with_only_the_mirror_each_image_is_itself_or_its_mirror_and_both_happen(photos):
@@ -54,11 +56,11 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_targets_by_its_area(
     y = np.eye(3, dtype="float32")[np.arange(n) % 3]
     w = np.ones(n, dtype="float32")
     seed = tf.constant([3, 4], "int64")
-    same = train.cutmix(tf.constant(photos), tf.constant(y), tf.constant(w), seed, 0.0)
+    same = utils.engine_tf.cutmix(tf.constant(photos), tf.constant(y), tf.constant(w), seed, 0.0)
     assert np.array_equal(same[0].numpy(), photos) and np.array_equal(same[1].numpy(), y), "share 0 changed a batch"
     areas = []
     for k in range(6):
-        x, t, weight = (a.numpy() for a in train.cutmix(photos, y, w, tf.constant([k, 9], "int64"), 1.0))
+        x, t, weight = (a.numpy() for a in utils.engine_tf.cutmix(photos, y, w, tf.constant([k, 9], "int64"), 1.0))
         changed = np.any(x != photos, axis=-1)  # pixels that now come from another photo
         rows, cols = np.nonzero(changed.any(axis=0))
         box = np.zeros(changed.shape[1:], bool)

@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import utils.warps
 from conftest import TINY, encode, flower_photos, photo, run, write_files
 
 # odd but valid class names: capitals, spaces, non-ASCII letters
@@ -186,8 +187,8 @@ def mismatched(tmp_path_factory):
     """Model files whose class names do not match their outputs: 3 outputs, 2 names."""
     import keras
 
-    from train import export_litert
-    from utils import build_model, class_names_layer
+    from utils.export import export_litert
+    from utils.model import build_model, class_names_layer
 
     folder = tmp_path_factory.mktemp("mismatched")
     model = build_model(32, ["a", "b", "c"])
@@ -227,13 +228,12 @@ def test_recipe_gives_the_cats_and_dogs_settings_on_their_split_and_more_to_smal
 
 
 def test_balanced_weights_give_each_class_the_same_total():
-    import train
 
     labels = np.array([0] * 100 + [1] * 20 + [2] * 40)
-    w = train.sample_weights(labels, 3, "balanced")
+    w = utils.warps.sample_weights(labels, 3, "balanced")
     totals = [w[labels == c].sum() for c in range(3)]
     assert np.allclose(totals, len(labels) / 3) and w[labels == 1][0] == pytest.approx(5 * w[labels == 0][0])
-    assert train.sample_weights(labels, 3, "none") is None
+    assert utils.warps.sample_weights(labels, 3, "none") is None
 
 
 def test_confusion_matrix_of_20_classes_keeps_cells_large_enough_to_read(tmp_path):

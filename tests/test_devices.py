@@ -6,7 +6,7 @@ import json
 from test_train import backed_up_epochs, start, wait_for_epochs
 
 from conftest import run
-from utils import LITERT_FILE, MODEL_FILE
+from utils.config import LITERT_FILE, MODEL_FILE
 
 FLAGS = ["--batch-size", "16", "--image-size", "64", "--ema", "0.9"]
 

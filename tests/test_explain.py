@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run
-from utils import LITERT_FILE, MODEL_FILE, list_images, load_image
+from utils.config import LITERT_FILE, MODEL_FILE
+from utils.images import list_images, load_image
 
 SHIPPED = ROOT / "models"
 EXAMPLES = ROOT / "examples"
@@ -41,7 +42,8 @@ def gradcam_by_gradients(model, images, output):
 def test_closed_form_maps_equal_gradcam_by_gradients(size, classes):
     """The maps inside both model files are Grad-CAM exactly, for a sigmoid and a softmax head, and for a
     size whose last block has an odd side (120 px: 7 x 7, whose last row and column the pool drops)."""
-    from utils import build_model, explaining_model
+    from utils.explain import explaining_model
+    from utils.model import build_model
 
     rng = np.random.default_rng(size)
     model = build_model(size, [f"class {i}" for i in range(classes)], widths=(8, 16, 16, 32), stem=8)
@@ -61,13 +63,13 @@ def test_closed_form_maps_equal_gradcam_by_gradients(size, classes):
 
 @pytest.fixture(scope="module")
 def shipped():
-    import predict
+    from utils.runtime import load_model
 
-    return {name: predict.load_model(SHIPPED / name, explain=True) for name in (MODEL_FILE, LITERT_FILE)}
+    return {name: load_model(SHIPPED / name, explain=True) for name in (MODEL_FILE, LITERT_FILE)}
 
 
 def test_keras_and_litert_give_the_same_maps(shipped):
-    from utils import heat_map, probabilities_and_maps
+    from utils.explain import heat_map, probabilities_and_maps
 
     images = np.stack([load_image(p) for p in list_images(EXAMPLES)])
     (kp, km), (lp, lm) = (probabilities_and_maps(shipped[name].explain, images) for name in (MODEL_FILE, LITERT_FILE))
@@ -82,7 +84,7 @@ def test_keras_and_litert_give_the_same_maps(shipped):
 
 
 def test_a_mirrored_photo_gives_a_mirrored_map(shipped):
-    from utils import heat_map, probabilities_and_maps
+    from utils.explain import heat_map, probabilities_and_maps
 
     model = shipped[LITERT_FILE]
     images = np.stack([load_image(p) for p in list_images(EXAMPLES)])
@@ -143,7 +145,7 @@ def test_names_that_collide_get_numbered(tmp_path):
 
 def test_a_litert_file_without_maps_says_how_to_refresh_it(tmp_path):
     """A .tflite exported before --explain: one line naming `train.py --export`, which then fixes it."""
-    from utils import build_model, class_names_layer, pack_labels
+    from utils.model import build_model, class_names_layer, pack_labels
 
     class_names_layer()
     model = build_model(32)
@@ -167,8 +169,8 @@ def test_a_litert_file_without_maps_says_how_to_refresh_it(tmp_path):
 def test_mistakes_picture_carries_heat_maps(tmp_path, monkeypatch):
     """plot_history.py draws each mistake under the heat map of the class the model wrongly chose."""
     import plot_history
-    import predict
-    from utils import blend, heat_map, probabilities_and_maps
+    from utils.explain import blend, heat_map, probabilities_and_maps
+    from utils.runtime import load_model
 
     photos = [EXAMPLES / "cat_10001.jpg", EXAMPLES / "dog_10004.jpg"]
     predictions = [  # both told wrong: the maps must be of "dog" for the cat and of "cat" for the dog
@@ -177,7 +179,7 @@ def test_mistakes_picture_carries_heat_maps(tmp_path, monkeypatch):
     ]
     drawn = {}
     monkeypatch.setattr(plot_history, "save_image_grid", lambda images, *a, **kw: drawn.update(images=images, **kw))
-    model = predict.load_model(SHIPPED, explain=True)
+    model = load_model(SHIPPED, explain=True)
     plot_history.plot_mistakes(predictions, tmp_path, 12, model)
     assert drawn["heat_legend"] and len(drawn["images"]) == 2
     images = np.stack([load_image(p) for p in photos])

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 import train
+import utils.images
 from conftest import BROKEN, VALID, encode, exif_rotated, photo
-from utils import BadImage, list_images, load_image, open_image
+from utils.files import BadImage
+from utils.images import list_images, load_image, open_image
 
 
 @pytest.mark.parametrize("name", sorted(VALID))
@@ -87,14 +89,14 @@ def test_fuzzed_files_decode_or_raise_bad_image_quickly():
     assert time.perf_counter() - start < 60
 
 
-# --- train.load_images: a split decoded by forked workers --------------------------------------------
+# --- utils.images.load_images: a split decoded by forked workers --------------------------------------------
 def test_the_workers_decode_every_image_as_load_image_does(real_photos, monkeypatch):
     """80 real photos: the array equals load_image's pixels one by one, and on Linux none of them was
     decoded by this process (the forked workers did all of it)."""
     paths = list_images(real_photos)
-    here, real = [], train.load_image
-    monkeypatch.setattr(train, "load_image", lambda p, s: here.append(os.getpid()) or real(p, s))
-    images = train.load_images(paths, 64)
+    here, real = [], utils.images.load_image
+    monkeypatch.setattr(utils.images, "load_image", lambda p, s: here.append(os.getpid()) or real(p, s))
+    images = utils.images.load_images(paths, 64)
     assert images.shape == (80, 64, 64, 3) and images.dtype == np.uint8
     assert all(np.array_equal(images[i], load_image(p, 64)) for i, p in enumerate(paths))
     if sys.platform == "linux" and len(os.sched_getaffinity(0)) > 1:
@@ -103,7 +105,7 @@ def test_the_workers_decode_every_image_as_load_image_does(real_photos, monkeypa
 
 def test_a_failing_worker_leaves_its_images_to_the_parent(real_photos, monkeypatch):
     """A worker that dies (killed, out of memory) costs time, not images: the parent decodes its share."""
-    paths, parent, real = list_images(real_photos), os.getpid(), train.load_image
+    paths, parent, real = list_images(real_photos), os.getpid(), utils.images.load_image
     odd = set(paths[1::2])
 
     def dies_in_a_worker(p, s):
@@ -111,8 +113,8 @@ def test_a_failing_worker_leaves_its_images_to_the_parent(real_photos, monkeypat
             os._exit(9)
         return real(p, s)
 
-    monkeypatch.setattr(train, "load_image", dies_in_a_worker)
-    images = train.load_images(paths, 48)
+    monkeypatch.setattr(utils.images, "load_image", dies_in_a_worker)
+    images = utils.images.load_images(paths, 48)
     assert all(np.array_equal(images[i], load_image(p, 48)) for i, p in enumerate(paths))
 
 
@@ -122,7 +124,7 @@ def test_a_bad_file_in_a_split_is_named(real_photos, tmp_path):
     with open(bad, "r+b") as f:
         f.truncate(400)
     with pytest.raises(BadImage, match=f"^{bad}: truncated; run prepare_data.py again"):
-        train.load_images([Path(p) for p in paths], 64)
+        utils.images.load_images([Path(p) for p in paths], 64)
 
 
 def test_ctrl_c_while_loading_stops_the_workers(real_photos, small_split, tmp_path, monkeypatch, capsys):
@@ -140,7 +142,7 @@ def test_ctrl_c_while_loading_stops_the_workers(real_photos, small_split, tmp_pa
                 pass  # a process that ended meanwhile
         return found
 
-    monkeypatch.setattr(train, "load_image", slow)
+    monkeypatch.setattr(utils.images, "load_image", slow)
     before = children()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     # Ctrl-C to this thread, as a terminal's reaches a train.py that has not started TensorFlow's threads
@@ -148,14 +150,14 @@ def test_ctrl_c_while_loading_stops_the_workers(real_photos, small_split, tmp_pa
     started = time.perf_counter()
     try:
         with pytest.raises(KeyboardInterrupt):
-            train.load_images(list_images(real_photos), 64)
+            utils.images.load_images(list_images(real_photos), 64)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - started < 1.5, "waited for the workers instead of stopping them"
     assert children() == before, "workers left running (or unreaped) after Ctrl-C"
 
     # train.py itself: one line, exit 130, and no --resume while there is nothing to resume
-    monkeypatch.setattr(train, "load_split", lambda *a: signal.raise_signal(signal.SIGINT))
+    monkeypatch.setattr(utils.images, "load_split", lambda *a: signal.raise_signal(signal.SIGINT))
     with pytest.raises(SystemExit) as exit_:
         train.main(["--data", str(small_split), "--out", str(tmp_path / "m"), "--image-size", "64"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,9 +9,12 @@ import sys
 import numpy as np
 from test_train import backed_up_epochs, wait_for_epochs
 
-import train
+import utils.engine_numpy
+import utils.engine_tf
+import utils.images
+import utils.warps
 from conftest import ROOT, run
-from utils import LITERT_FILE, MODEL_FILE
+from utils.config import LITERT_FILE, MODEL_FILE
 
 JAX = {"KERAS_BACKEND": "jax"}
 FLAGS = ["--epochs", "3", "--batch-size", "16", "--image-size", "64"]
@@ -75,22 +78,25 @@ def free_port():
 def test_batch_shares_of_processes_make_up_the_whole_batch(small_split):
     """Each process's share of a batch, warped with its share of the batch's draws: put together, the shares
     are the one-process batch, pixel for pixel, in both engines."""
-    from utils import split_classes
+    from utils.images import list_split, load_split, split_classes
 
-    x, labels, _ = train.load_split(*train.list_split(small_split, "train", split_classes(small_split)[1]), 48)
+    x, labels, _ = load_split(*list_split(small_split, "train", split_classes(small_split)[1]), 48)
     y = labels.astype("float32")
     sizes = [32, 48]
-    whole, side, number = train.batch_plan(len(y), 16, 3, sizes, 0)
-    shares = [train.batch_plan(len(y), 16, 3, sizes, 0, part=(i, 2)) for i in (0, 1)]
+    whole, side, number = utils.warps.batch_plan(len(y), 16, 3, sizes, 0)
+    shares = [utils.warps.batch_plan(len(y), 16, 3, sizes, 0, part=(i, 2)) for i in (0, 1)]
     assert np.array_equal(np.concatenate([s[0] for s in shares], axis=1), whole)  # disjoint halves, in order
     assert all(np.array_equal(s[1], side) and np.array_equal(s[2], number) for s in shares)
 
     def numpy_engine(part):
-        data = train.array_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)
+        data = utils.engine_numpy.array_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)
         return [data[k] for k in range(len(whole))]
 
     def tf_engine(part):
-        return [tuple(t.numpy() for t in b) for b in train.warped_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)]
+        return [
+            tuple(t.numpy() for t in b)
+            for b in utils.engine_tf.warped_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)
+        ]
 
     for engine in (numpy_engine, tf_engine):
         one, halves = engine((0, 1)), [engine((i, 2)) for i in (0, 1)]

@@ -120,8 +120,8 @@ def test_the_archive_as_a_folder_and_as_a_zip_agree(pets, tmp_path):
     "files, message",
     [
         ({"Cat/a.jpg": 0, "Dog/b.jpg": 1, "c.jpg": 2, "notes.txt": None}, "1 image(s) of {src} lie loose beside"),
-        ({"PetImages/Cat/a.jpg": 0, "PetImages/Cat/b.jpg": 1, "LICENSE": None}, "all in one folder, PetImages/Cat/"),
-        ({"a.jpg": 0, "b.jpg": 1}, "loose, in no folder"),
+        ({"PetImages/Cat/a.jpg": 0, "PetImages/Cat/b.jpg": 1, "LICENSE": None}, "only the class folder PetImages/Cat/"),
+        ({"a.jpg": 0, "b.jpg": 1}, "has no class folders"),
         ({"README.md": None, "docs/guide.pdf": None}, "no images found in {src}"),
     ],
     ids=["loose image", "one class", "no folders", "no images"],

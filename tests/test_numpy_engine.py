@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 from test_train import backed_up_epochs, wait_for_epochs
 
-import train
+import utils.backend
+import utils.engine_numpy
+import utils.engine_tf
+import utils.images
+import utils.warps
 from conftest import ROOT, run
-from utils import MODEL_FILE, split_classes
+from utils.config import MODEL_FILE
+from utils.images import DiskImages, list_split, load_split, split_classes
 
 
 @pytest.fixture(scope="module")
 def photos(small_split):
-    images, _, _ = train.load_split(*train.list_split(small_split, "train", split_classes(small_split)[1]), 96)
+    images, _, _ = load_split(*list_split(small_split, "train", split_classes(small_split)[1]), 96)
     return images  # 48 real photos, uint8
 
 
@@ -61,8 +66,8 @@ def test_numpy_warp_is_tensorflows_warp(photos):
 
     rng = np.random.default_rng(0)
     for strength in (1.0, 3.0):
-        transforms = train.random_transforms(rng, len(photos), photos.shape[1], strength)
-        mine = train.warp_arrays(photos, transforms)
+        transforms = utils.engine_numpy.random_transforms(rng, len(photos), photos.shape[1], strength)
+        mine = utils.engine_numpy.warp_arrays(photos, transforms)
         theirs = tf.raw_ops.ImageProjectiveTransformV3(
             images=tf.cast(photos, "float32"),
             transforms=transforms,
@@ -79,21 +84,23 @@ def test_numpy_warp_is_tensorflows_warp(photos):
 def test_numpy_draws_mirror_half_the_images_and_follow_their_seed(photos):
     n, side = len(photos), photos.shape[1]
     with pytest.MonkeyPatch.context() as m:
-        m.setitem(train.AUGMENTATION, "rotation", 0.0)
-        m.setitem(train.AUGMENTATION, "zoom", 0.0)
-        m.setitem(train.AUGMENTATION, "translation", 0.0)
-        out = train.warp_arrays(photos, train.random_transforms(np.random.default_rng(5), n, side))
+        m.setitem(utils.warps.AUGMENTATION, "rotation", 0.0)
+        m.setitem(utils.warps.AUGMENTATION, "zoom", 0.0)
+        m.setitem(utils.warps.AUGMENTATION, "translation", 0.0)
+        out = utils.engine_numpy.warp_arrays(
+            photos, utils.engine_numpy.random_transforms(np.random.default_rng(5), n, side)
+        )
     same = [np.array_equal(o, p) for o, p in zip(out, photos, strict=True)]
     mirrored = [np.array_equal(o, p[:, ::-1]) for o, p in zip(out, photos, strict=True)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True))
     assert 10 < sum(mirrored) < 38, f"{sum(mirrored)} of 48 mirrored: the coin is not fair"
-    a, b, c = (train.random_transforms(np.random.default_rng(s), n, side) for s in (1, 1, 2))
+    a, b, c = (utils.engine_numpy.random_transforms(np.random.default_rng(s), n, side) for s in (1, 1, 2))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_pil_resize_matches_tensorflows_antialiased_resize(photos):
     for size in (48, 64):
-        mine, theirs = train.resize_array(photos, size), train.resize(photos, size).numpy()
+        mine, theirs = utils.engine_numpy.resize_array(photos, size), utils.engine_tf.resize(photos, size).numpy()
         assert mine.shape == theirs.shape == (len(photos), size, size, 3)
         diff = np.abs(mine - theirs)
         assert diff.max() <= 1.5 and diff.mean() < 0.5  # rounding to whole levels, nothing more
@@ -104,11 +111,11 @@ def test_numpy_cutmix_pastes_one_box_and_mixes_targets_by_its_area(photos):
     n = len(x)
     y = np.eye(3, dtype="float32")[np.arange(n) % 3]
     w = np.ones(n, dtype="float32")
-    same = train.cutmix_arrays(x, y, w, np.random.default_rng(0), 0.0)
+    same = utils.engine_numpy.cutmix_arrays(x, y, w, np.random.default_rng(0), 0.0)
     assert np.array_equal(same[0], x) and np.array_equal(same[1], y), "share 0 changed a batch"
     areas = []
     for k in range(6):
-        mixed, t, weight = train.cutmix_arrays(x, y, w, np.random.default_rng([k, 9]), 1.0)
+        mixed, t, weight = utils.engine_numpy.cutmix_arrays(x, y, w, np.random.default_rng([k, 9]), 1.0)
         changed = np.any(mixed != x, axis=-1)
         rows, cols = np.nonzero(changed.any(axis=0))
         box = np.zeros(changed.shape[1:], bool)
@@ -126,7 +133,7 @@ def test_numpy_batches_follow_the_plan_resume_and_stream_alike(photos, small_spl
     sizes = [64, 64, 96]
 
     def batches(x, first_epoch, mix=0.0):
-        data = train.array_batches(x, y, None, 16, 7, sizes, first_epoch, 1.0, mix, workers=2)
+        data = utils.engine_numpy.array_batches(x, y, None, 16, 7, sizes, first_epoch, 1.0, mix, workers=2)
         assert data.num_batches is None  # endless to Keras: item k is batch k of the run
         return [data[k] for k in range(3 * (len(sizes) - first_epoch))]
 
@@ -143,17 +150,18 @@ def test_numpy_batches_follow_the_plan_resume_and_stream_alike(photos, small_spl
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(run_all[3:], resumed, strict=True))
     cache = tmp_path / "train.u8"
     cache.write_bytes(photos.tobytes())
-    streamed = batches(train.DiskImages(cache, len(photos), photos.shape[1]), 0)
+    streamed = batches(DiskImages(cache, len(photos), photos.shape[1]), 0)
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(run_all, streamed, strict=True))
 
 
 FIT_WALK = """
 import json
 import numpy as np
-import train
-keras = train.import_keras()
+from utils.backend import import_keras
+from utils.engine_numpy import array_batches
+keras = import_keras()
 photos = np.random.default_rng(0).integers(0, 255, (48, 40, 40, 3), dtype=np.uint8)
-data = train.array_batches(photos, np.arange(48, dtype="float32"), None, 16, 7, [32, 32, 40], 1, 1.0, workers=2)
+data = array_batches(photos, np.arange(48, dtype="float32"), None, 16, 7, [32, 32, 40], 1, 1.0, workers=2)
 calls, getitem = [], type(data).__getitem__
 type(data).__getitem__ = lambda self, k: calls.append(k) or getitem(self, k)
 inputs = keras.Input((None, None, 3))

@@ -13,8 +13,8 @@ def model(tmp_path_factory):
     wrong shape, and files that are no models at all."""
     import keras
 
-    from train import export_litert
-    from utils import build_model
+    from utils.export import export_litert
+    from utils.model import build_model
 
     folder = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(0)  # an untrained model's outputs differ by little: make them the same every run
@@ -112,7 +112,8 @@ def test_prediction_uses_the_training_preprocessing(model, images, kind):
     import keras
     import numpy as np
 
-    from utils import MIRROR_TTA, load_image
+    from utils.evaluate import MIRROR_TTA
+    from utils.images import load_image
 
     m = keras.models.load_model(model / "tiny.keras")
     image = np.stack([load_image(images / "b.PNG", 32)])
@@ -176,7 +177,7 @@ def test_many_images_are_streamed_in_bounded_batches(tmp_path):
     import numpy as np
 
     import predict
-    from utils import MIRROR_TTA
+    from utils.evaluate import MIRROR_TTA
 
     write_files(tmp_path, {f"{i:03d}.png": encode(photo((16, 16), seed=i), "PNG") for i in range(150)})
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import prepare_data
+import utils.sources
 from conftest import BROKEN, ROOT, VALID, encode, photo, run, write_files
 
 
@@ -169,7 +170,7 @@ def test_url_source_is_downloaded_once_into_the_cache(many, tmp_path, monkeypatc
         for cls in ("Cat", "dog"):
             for p in sorted((many / cls).glob("*.jpg"))[:15]:
                 zf.write(p, f"PetImages/{p.parent.name}/{p.name}")
-    monkeypatch.setattr(prepare_data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(utils.sources, "DOWNLOAD_DIR", tmp_path / "cache" / "downloads")
     report = prep("--source", zpath.as_uri(), "--out", tmp_path / "out")
     cached = tmp_path / "cache" / "downloads" / "kagglecatsanddogs_5340.zip"
     assert report["kept"] == 30
@@ -180,7 +181,7 @@ def test_a_cut_short_download_in_the_cache_is_named(tmp_path, monkeypatch):
     cached = tmp_path / "cache" / "downloads" / "kagglecatsanddogs_5340.zip"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"PK\x03\x04" + bytes(100))  # the first bytes of a zip, as a killed download leaves them
-    monkeypatch.setattr(prepare_data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(utils.sources, "DOWNLOAD_DIR", tmp_path / "cache" / "downloads")
     with pytest.raises(prepare_data.UserError, match="is not a whole zip; delete it and run again"):
         prep("--source", "http://127.0.0.1:9/kagglecatsanddogs_5340.zip", "--out", tmp_path / "out")
 

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from conftest import ROOT, TINY, run
-from utils import LITERT_FILE, MAX_FILE_BYTES, MODEL_FILE
+from utils.config import LITERT_FILE, MAX_FILE_BYTES, MODEL_FILE
 
 
 @pytest.fixture
@@ -252,9 +252,10 @@ def lie_about_size(zip_path, name, size):
 # --- too little memory -----------------------------------------------------------------
 def test_train_refuses_before_loading_when_memory_is_too_small(small_split, tmp_path, monkeypatch, capsys):
     import train
+    import utils.images
 
-    monkeypatch.setattr(train, "available_memory", lambda: 1_600_000_000)
-    monkeypatch.setattr(train, "load_split", lambda *a: pytest.fail("refused only after loading"))
+    monkeypatch.setattr(utils.images, "available_memory", lambda: 1_600_000_000)
+    monkeypatch.setattr(utils.images, "load_split", lambda *a: pytest.fail("refused only after loading"))
     with pytest.raises(SystemExit) as exit_:
         train.main(["--data", str(small_split), "--out", str(tmp_path / "m"), "--image-size", "1024"])
     assert exit_.value.code == 2
@@ -271,7 +272,7 @@ def test_the_space_estimate_opens_the_zip_once(shared_zip, monkeypatch):
     real = zipfile.ZipFile
     monkeypatch.setattr(prepare_data.zipfile, "ZipFile", lambda *a, **k: opened.append(a) or real(*a, **k))
     _, files, _ = prepare_data.read_source(shared_zip)
-    estimate = prepare_data.estimated_output(files, prepare_data.parse_args(["--source", str(shared_zip)]))
+    estimate = prepare_data.estimated_output(files, None, 180)  # no --limit, the default --max-side
     assert len(opened) == 2  # read_source's listing, and the estimate's
     assert 20e6 < estimate < 200e6  # a low estimate: the 180 px split really takes 238 MB
 
@@ -284,7 +285,7 @@ def test_a_staged_h5py_writer_that_meets_a_full_disk_gives_one_clean_error(small
     code = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
 import h5py, numpy as np
-from utils import DiskFull, atomic_write
+from utils.files import DiskFull, atomic_write
 def write(path):
     with h5py.File(path, "w") as f:
         f["x"] = np.ones(1_000_000)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import utils.images
 from conftest import run
-from utils import UserError, choose_precision
+from utils.backend import choose_precision
+from utils.files import UserError
 
 SHORT = ["--epochs", "2", "--batch-size", "16", "--image-size", "64"]
 
@@ -39,7 +41,7 @@ def test_a_streamed_run_trains_exactly_as_one_in_memory(small_split, tmp_path):
 
 
 def test_disk_images_read_like_an_array_and_refuse_a_short_file(tmp_path):
-    from train import DiskImages
+    from utils.images import DiskImages
 
     pixels = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     (tmp_path / "x.u8").write_bytes(pixels.tobytes())
@@ -52,18 +54,17 @@ def test_disk_images_read_like_an_array_and_refuse_a_short_file(tmp_path):
 
 
 def test_memory_too_small_for_the_splits_streams_instead_of_refusing(monkeypatch):
-    import train
 
     counts, size, batch = [60_000, 7_000, 7_000], 160, 64
     streamed_need = batch * size * size * 1000 + 1.5e9
-    monkeypatch.setattr(train, "available_memory", lambda: streamed_need + 1e6)  # 10 GB of images do not fit
-    assert train.check_memory(counts, size, batch) is False
-    monkeypatch.setattr(train, "available_memory", lambda: 64e9)
-    assert train.check_memory(counts, size, batch) is True
-    assert train.check_memory(counts, size, batch, stream=True) is False  # --stream
-    monkeypatch.setattr(train, "available_memory", lambda: streamed_need - 1e6)
+    monkeypatch.setattr(utils.images, "available_memory", lambda: streamed_need + 1e6)  # 10 GB of images do not fit
+    assert utils.images.check_memory(counts, size, batch) is False
+    monkeypatch.setattr(utils.images, "available_memory", lambda: 64e9)
+    assert utils.images.check_memory(counts, size, batch) is True
+    assert utils.images.check_memory(counts, size, batch, stream=True) is False  # --stream
+    monkeypatch.setattr(utils.images, "available_memory", lambda: streamed_need - 1e6)
     with pytest.raises(UserError, match="even with the images streamed from disk"):
-        train.check_memory(counts, size, batch)
+        utils.images.check_memory(counts, size, batch)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY, run
-from utils import LITERT_FILE, MODEL_FILE
+from utils.config import LITERT_FILE, MODEL_FILE
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_litert_copy_agrees_with_the_keras_model_on_real_photos(data, trained):
     0.001; in logits (strict even for a barely trained model near 0.5) within 1e-4."""
     import numpy as np
 
-    import predict
-    from utils import list_images, load_image
+    from utils.images import list_images, load_image
+    from utils.runtime import load_model
 
     out, _ = trained
     by_model = {}
@@ -76,7 +76,7 @@ def test_litert_copy_agrees_with_the_keras_model_on_real_photos(data, trained):
         assert litert_rows[path]["dog_probability"] == pytest.approx(k["dog_probability"], abs=1e-3), path
 
     (keras_run, size, names, _), (litert_run, litert_size, litert_names, _) = (
-        predict.load_model(out / n) for n in (MODEL_FILE, LITERT_FILE)
+        load_model(out / n) for n in (MODEL_FILE, LITERT_FILE)
     )
     assert size == litert_size == 64 and names == litert_names == ["cat", "dog"]
     images = np.stack([load_image(p, size) for p in list_images(data)])

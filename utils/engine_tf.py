@@ -1,0 +1,110 @@
+"""The default augmentation engine: batches warped and mixed inside tf.data."""
+
+import numpy as np
+
+from utils.images import DiskImages
+from utils.warps import AUGMENTATION, batch_plan, warp_transforms
+
+
+def resize(images, size):
+    """A batch at another side length, the same way for training and validation batches."""
+    import tensorflow as tf
+
+    images = tf.cast(images, "float32")
+    if isinstance(size, int) and images.shape[1] == size:
+        return images
+    return tf.image.resize(images, (size, size), antialias=True)
+
+
+def augment(images, seed, strength=1.0, part=(0, 1)):
+    """Each image of a batch warped once by a random mirror, rotation, zoom and shift (AUGMENTATION's, the
+    last three times `strength`), drawn from `seed` (two integers), so a resumed run draws what the
+    interrupted one would have. One resampling per image, where Keras's RandomRotation, RandomTranslation
+    and RandomZoom resample once each, which is slower and blurs. part (process i of n): the images are
+    process i's share of a batch, and get that share of the whole batch's draws."""
+    import tensorflow as tf
+
+    a = AUGMENTATION
+    n, side = tf.shape(images)[0], tf.cast(tf.shape(images)[1], "float32")
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    i, parts = part
+
+    def uniform(k, limit):
+        if parts == 1:  # one process draws without a slice, which would change the float rounding
+            return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
+        return tf.random.stateless_uniform([n * parts], seeds[k], -limit, limit)[i * n : (i + 1) * n]
+
+    angle, zoom = uniform(0, a["rotation"] * strength * 2 * np.pi), 1 + uniform(1, a["zoom"] * strength)
+    shift_x = uniform(2, a["translation"] * strength) * side
+    shift_y = uniform(3, a["translation"] * strength) * side
+    mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] else tf.ones([n])
+    transform = warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, tf)
+    # the op Keras's affine_transform runs on TensorFlow, called directly: keras.ops inside tf.data fails on
+    # the JAX and PyTorch backends (keras-team/keras#21785), plain TensorFlow ops do not
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=tf.cast(transform, "float32"),
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode=a["fill_mode"].upper(),
+    )
+
+
+def cutmix(images, y, w, seed, share):
+    """CutMix (Yun et al., 2019) on a share of the batches: a random box of each image is replaced by the same
+    box of another image of the batch, and targets and weights are mixed by the area of the box (drawn
+    uniformly: Beta(1, 1)). The network must then use the whole picture, not the one part that gives the
+    class away, which keeps a small training split from being learned by heart."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, 5)
+    n, h, wd = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    cut = tf.sqrt(tf.random.stateless_uniform([], s[0]))  # side of the box / side of the image
+    bh, bw = tf.cast(cut * tf.cast(h, "float32"), "int32"), tf.cast(cut * tf.cast(wd, "float32"), "int32")
+    cy = tf.random.stateless_uniform([], s[1], 0, h, dtype="int32")
+    cx = tf.random.stateless_uniform([], s[2], 0, wd, dtype="int32")
+    rows, cols = tf.range(h), tf.range(wd)
+    inside_rows = (rows >= cy - bh // 2) & (rows < cy + bh - bh // 2)
+    inside_cols = (cols >= cx - bw // 2) & (cols < cx + bw - bw // 2)
+    mask = tf.cast(inside_rows[:, None] & inside_cols[None, :], "float32")[:, :, None]
+    mask *= tf.cast(tf.random.stateless_uniform([], s[3]) < share, "float32")  # this batch, or not
+    area = tf.reduce_mean(mask)
+    other = tf.argsort(tf.random.stateless_uniform([n], s[4]))
+    images = images * (1 - mask) + tf.gather(images, other) * mask
+    y = (1 - area) * y + area * tf.gather(y, other)
+    return (images, y) if w is None else (images, y, (1 - area) * w + area * tf.gather(w, other))
+
+
+def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0, part=(0, 1)):
+    """tf.data batches (images, targets[, weights]) for epochs first_epoch.. (one epoch after the other,
+    each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them
+    (part: batch_plan's, for --processes)."""
+    import tensorflow as tf
+
+    index, side, number = batch_plan(len(y), batch_size, seed, sizes, first_epoch, part)
+    seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
+    y = tf.convert_to_tensor(y)
+    w = None if w is None else tf.convert_to_tensor(w)
+    if isinstance(x, DiskImages):  # streamed: each batch read from the cache file
+
+        def gather(i):
+            images = tf.numpy_function(lambda i: x[i], [i], tf.uint8)
+            images.set_shape([None, *x.shape[1:]])
+            return images
+
+    else:
+        x = tf.convert_to_tensor(x)  # one copy in TensorFlow
+
+        def gather(i):
+            return tf.gather(x, i)
+
+    def batch(i, s, k):
+        images = augment(resize(gather(i), s), k, strength, part)
+        if not mix:
+            return (images, tf.gather(y, i)) if w is None else (images, tf.gather(y, i), tf.gather(w, i))
+        weights = None if w is None else tf.gather(w, i)
+        return cutmix(images, tf.gather(y, i), weights, tf.random.experimental.stateless_fold_in(k, 1), mix)
+
+    epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(batch, num_parallel_calls=2)
+    return epochs.prefetch(2)

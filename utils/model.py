@@ -1,0 +1,147 @@
+"""The CNN, the class names it carries, and its compiled training form."""
+
+import functools
+import zipfile
+
+from utils.backend import backend, import_keras
+from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES, MODEL_FILE, OTHER_MODEL_STEM, WIDTHS
+
+
+def build_model(
+    image_size=IMAGE_SIZE,
+    class_names=("cat", "dog"),
+    widths=WIDTHS,
+    stem=32,
+    dropout=0.3,
+    block_dropout=0.1,
+    bn_momentum=0.99,
+):
+    """The CNN: a strided Conv stem, then blocks of two Conv/BatchNorm/ReLU, MaxPool and Dropout,
+    global average pooling, Dropout and the classifier: one sigmoid unit (the probability of the second
+    class) for two classes, a softmax over N classes for more (1.18 M parameters by default). Its last
+    layer, ClassNames, carries the names of the classes in output order.
+
+    image_size None builds a fully convolutional model that takes any size (progressive resizing
+    trains it so); the saved model is rebuilt at the final size, which predict.py reads from it.
+    Layers are named, so weights move between the two builds by name. bn_momentum: how slowly
+    BatchNormalization's statistics for inference follow the training batches (train.py's recipe derives it).
+    """
+    keras = import_keras()
+    layers = keras.layers
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1 / 255, name="rescale")(inputs)
+    x = layers.Conv2D(stem, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for i, width in enumerate(widths, 1):
+        for j in (1, 2):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"block{i}_bn{j}")(x)
+            x = layers.ReLU(name=f"block{i}_relu{j}")(x)
+        x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
+        x = layers.Dropout(block_dropout, name=f"block{i}_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="average")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    n = len(class_names)
+    if n < 2:
+        raise ValueError(f"a classifier needs two or more classes, not {list(class_names)}")
+    if n == 2:
+        x = layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    else:
+        x = layers.Dense(n, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = class_names_layer()(class_names, dtype="float32", name="class_names")(x)
+    return keras.Model(inputs, outputs, name="classifier")
+
+
+def model_files(class_names):
+    """(keras file, tflite file) names for a class set: cats_vs_dogs.* for cat/dog, model.* for any other."""
+    if tuple(class_names) == tuple(name for _, name in MICROSOFT_CLASSES.values()):
+        return MODEL_FILE, LITERT_FILE
+    return f"{OTHER_MODEL_STEM}.keras", f"{OTHER_MODEL_STEM}.tflite"
+
+
+@functools.cache
+def class_names_layer():
+    """The Keras layer that carries a model's class names in its config: an identity on the output, so
+    the names are saved in the .keras file's config.json, survive load and save, and cost nothing in the
+    LiteRT copy. Registered under "catsdogs>ClassNames", which load_model finds once this has run."""
+    keras = import_keras()
+
+    @keras.saving.register_keras_serializable(package="catsdogs")
+    class ClassNames(keras.layers.Layer):
+        def __init__(self, names, **kwargs):
+            super().__init__(**kwargs)
+            self.names = [str(n) for n in names]
+
+        def call(self, x):
+            return x
+
+        def compute_output_shape(self, shape):
+            return shape
+
+        def get_config(self):
+            return {**super().get_config(), "names": self.names}
+
+    return ClassNames
+
+
+def names_of_keras_model(model):
+    """Class names carried by a model built by build_model, or None."""
+    cls = class_names_layer()
+    layers = [layer for layer in model.layers if isinstance(layer, cls)]
+    return layers[-1].names if layers else None
+
+
+def labels_bytes(class_names):
+    """labels.txt: one class name a line, in output order, UTF-8 (beside the models and inside the .tflite)."""
+    return "".join(f"{name}\n" for name in class_names).encode("utf-8")
+
+
+def read_labels(data):
+    """The class names of labels.txt's bytes."""
+    return data.decode("utf-8").splitlines()
+
+
+def pack_labels(tflite_path, class_names):
+    """Append labels.txt to a .tflite file as an associated file, the way LiteRT's metadata tools
+    (Model Maker, Teachable Machine) pack them: a zip archive after the flatbuffer, which the
+    interpreter ignores and any zip reader finds."""
+    with zipfile.ZipFile(tflite_path, "a") as zf:
+        zf.writestr(LABELS_FILE, labels_bytes(class_names))
+
+
+def unpack_labels(tflite_path):
+    """The class names packed into a .tflite file (pack_labels), or None. No TensorFlow needed."""
+    try:
+        with zipfile.ZipFile(tflite_path) as zf:
+            return read_labels(zf.read(LABELS_FILE))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, OSError):
+        return None
+
+
+def widths(multiplier):
+    """Filters of the four blocks: WIDTHS times --width."""
+    return tuple(max(8, round(w * multiplier)) for w in WIDTHS)
+
+
+def compile_model(
+    class_names, image_size, steps, width, bn_momentum, epochs, learning_rate, warmup_steps, label_smoothing, ema
+):
+    """The trainable model (image_size None: any size), compiled for `epochs` of `steps`: RMSprop warmed up
+    to learning_rate, then decayed along a cosine; the loss with label_smoothing; ema: the momentum of the
+    weights' moving average (0: none)."""
+    keras = import_keras()
+    warmup = min(warmup_steps, max(1, (epochs - 1) * steps))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, epochs * steps - warmup), warmup_target=learning_rate, warmup_steps=warmup
+    )
+    model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum)
+    loss = keras.losses.BinaryCrossentropy if len(class_names) == 2 else keras.losses.CategoricalCrossentropy
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(schedule, use_ema=ema > 0, ema_momentum=ema or 0.99),
+        loss=loss(label_smoothing=label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=backend() != "tensorflow",  # JAX always compiles with XLA; TensorFlow's CPU kernels are faster
+    )
+    return model

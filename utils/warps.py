@@ -1,0 +1,65 @@
+"""What every augmentation engine shares: the random transforms, the plan of batches, the targets."""
+
+import numpy as np
+
+# Random transforms of training images, the one place to tune them. Both engines read this dict:
+# rotation as a fraction of a full turn, translation and zoom as fractions of the image side.
+AUGMENTATION = dict(
+    horizontal_flip=True,
+    rotation=0.04,  # +-14 degrees
+    translation=0.1,
+    zoom=0.15,
+    fill_mode="nearest",
+)
+
+
+def image_sizes(final, epochs, progressive):
+    """Training image size of each epoch: the first `progressive` share of the epochs climb from half
+    of `final` in 32 px steps (64, 96 for 128), the rest train at `final`."""
+    small = list(range(max(32, final // 2 // 32 * 32), final, 32))
+    n_small = round(progressive * epochs) if small else 0
+    sizes = [small[i * len(small) // n_small] for i in range(n_small)] if n_small else []
+    return sizes + [final] * (epochs - n_small)
+
+
+def batch_plan(count, batch_size, seed, sizes, first_epoch, part=(0, 1)):
+    """(index, side, number): every batch's image indices (a row each), image size and number in the run
+    (what its random draws are seeded with), from first_epoch on. Each epoch is a fresh shuffle drawn from
+    (seed, epoch), so a resumed run draws the same batches; the ragged last batch of an epoch is dropped.
+    part (process i of n): process i's share of each batch (its columns of index)."""
+    steps = count // batch_size
+    order = [np.random.default_rng([seed, e]).permutation(count)[: steps * batch_size] for e in range(len(sizes))]
+    index = np.concatenate(order[first_epoch:]).reshape(-1, batch_size)
+    side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
+    i, n = part
+    share = batch_size // n
+    return index[:, i * share : (i + 1) * share], side, np.arange(first_epoch * steps, len(sizes) * steps)
+
+
+def warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, xp):
+    """Each image's warp as the 8 numbers ImageProjectiveTransformV3 takes (output pixel (x, y) reads the
+    input at (t0 x + t1 y + t2, t3 x + t4 y + t5)), computed by xp (tensorflow or numpy) for both engines:
+    the input at M (p - c) + c + shift, with M = zoom * rotation * mirror and c the image's centre."""
+    c, cos, sin = (side - 1) / 2, xp.cos(angle) * zoom, xp.sin(angle) * zoom
+    m00, m01, m10, m11 = cos * mirror, -sin, sin * mirror, cos
+    zeros = xp.zeros_like(angle)
+    return xp.stack(
+        [m00, m01, c - c * (m00 + m01) + shift_x, m10, m11, c - c * (m10 + m11) + shift_y, zeros, zeros], axis=1
+    )
+
+
+def targets(labels, classes):
+    """What the loss compares the model's output with: the label itself for two classes (one sigmoid
+    unit), one-hot rows for more (softmax)."""
+    if classes == 2:
+        return labels.astype("float32")
+    return np.eye(classes, dtype="float32")[labels]
+
+
+def sample_weights(labels, classes, how):
+    """Each training image's weight: balanced gives class c the weight n / (classes x n_c); none gives
+    None, so the batches carry no weights at all."""
+    if how == "none":
+        return None
+    counts = np.bincount(labels, minlength=classes).astype("float64")
+    return (len(labels) / (classes * np.maximum(counts, 1)))[labels].astype("float32")
