@@ -236,7 +236,14 @@ def train(args, out, work, config, derived, class_names, splits):
     elapsed, logs = (lambda: offset + time.perf_counter() - PROCESS_START), args.tensorboard and out / "logs"
     callbacks = training_callbacks(model, work, sizes, x_val, y_val, args.engine, args.epochs, elapsed, logs)
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, a line per epoch in logs
-    model.fit(train_batches, epochs=args.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
+    model.fit(
+        train_batches,
+        epochs=args.epochs,
+        steps_per_epoch=steps,
+        shuffle=False,  # the batches are shuffled per epoch already
+        callbacks=callbacks,
+        verbose=verbose,
+    )
     run = {"train_images": len(x_train), "val_images": len(x_val), "image_size": args.image_size}
     run |= {"batch_size": args.batch_size, "recipe": {k: getattr(args, k) for k in RECIPE}, "parameters": None}
     run |= {"precision": precision, "engine": args.engine, "device": device_text(gpus, devices)}
