@@ -1,10 +1,13 @@
 """Shared fixtures: real photos from ../shared, images with every defect made with PIL, and a replica of the
 Microsoft archive served from 127.0.0.1."""
 
+import contextlib
 import functools
 import http.server
+import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_ZIP = ROOT.parent / "shared" / "data" / "PetImages-180px.zip"
 FLOWERS_ZIP = ROOT.parent / "shared" / "data" / "flowers-5-256px.zip"
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as `run` gives the scripts, for those `call` runs here
 
 
 def run(script, *args, cwd=ROOT, timeout=300, env=None, **kw):
@@ -33,6 +37,29 @@ def run(script, *args, cwd=ROOT, timeout=300, env=None, **kw):
         timeout=timeout,
         **kw,
     )
+
+
+def call(script, *args):
+    """Run one of the project's scripts in this process, through its main(), and return what `run` returns: the
+    exit status, stdout and stderr. For steps whose own process is not what a test is about, so that
+    TensorFlow starts once per test run rather than once per step. Keras's precision policy and Ctrl-C's
+    handler, which train.py sets, are put back afterwards."""
+    module = importlib.import_module(Path(script).stem)
+    keras = sys.modules.get("keras")
+    policy = keras.mixed_precision.global_policy() if keras else None
+    handler = signal.getsignal(signal.SIGINT)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main([str(a) for a in args])
+            code = code if isinstance(code, int) else 0  # as `sys.exit(main())` treats it; train.py's is a dict
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            if (keras := sys.modules.get("keras")) is not None:
+                keras.mixed_precision.set_global_policy(policy or "float32")
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import utils.warps
-from conftest import TINY, encode, flower_photos, photo, run, write_files
+from conftest import TINY, call, encode, flower_photos, photo, run, write_files
 
 # odd but valid class names: capitals, spaces, non-ASCII letters
 ODD = {"daisy": "Daisy", "roses": "rosé rouge", "tulips": "tulip ünïcode"}
@@ -45,7 +45,7 @@ def three(photos, tmp_path_factory):
 @pytest.fixture(scope="module")
 def three_model(three, tmp_path_factory):
     out = tmp_path_factory.mktemp("three-model")
-    result = run("train.py", "--data", three, "--out", out, *TINY)
+    result = call("train.py", "--data", three, "--out", out, *TINY)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -76,7 +76,7 @@ def test_the_names_travel_inside_both_model_files(three, three_model, tmp_path):
         alone = tmp_path / suffix
         alone.mkdir()
         shutil.copy(three_model / f"model.{suffix}", alone / f"copied.{suffix}")  # no labels.txt beside it
-        result = run("predict.py", three / "test", "--model", alone / f"copied.{suffix}", "--json", "--top", "2")
+        result = call("predict.py", three / "test", "--model", alone / f"copied.{suffix}", "--json", "--top", "2")
         assert result.returncode == 0, result.stderr
         rows[suffix] = {r["path"]: r for r in lines(result)}
         for r in rows[suffix].values():
@@ -93,7 +93,7 @@ def test_the_names_travel_inside_both_model_files(three, three_model, tmp_path):
 
 
 def test_plain_output_and_top_k_name_the_classes(three, three_model):
-    result = run("predict.py", three / "test" / "Daisy", "--model", three_model, "--top", "3")
+    result = call("predict.py", three / "test" / "Daisy", "--model", three_model, "--top", "3")
     assert result.returncode == 0, result.stderr
     out = [line.split("\t") for line in result.stdout.splitlines()]
     assert len(out) == 3
@@ -116,7 +116,7 @@ def test_metrics_and_pictures_for_n_classes(three_model):
     recall = {n: np.mean([p["predicted"] == n for p in predictions if p["true"] == n]) for n in names}
     for n in names:
         assert metrics["per_class"][n]["recall"] == pytest.approx(recall[n], abs=1e-4)
-    plots = run("plot_history.py", three_model / "history.json")
+    plots = call("plot_history.py", three_model / "history.json")
     assert plots.returncode == 0, plots.stderr
     assert (three_model / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -127,10 +127,10 @@ def test_five_classes_train_and_predict(photos, tmp_path):
         write_files(src / flower, {f"{i}.jpg": jpeg for i, jpeg in enumerate(jpegs[:16])})
     data, out = tmp_path / "split", tmp_path / "model"
     assert run("prepare_data.py", "--source", src, "--out", data).returncode == 0
-    result = run("train.py", "--data", data, "--out", out, *TINY)
+    result = call("train.py", "--data", data, "--out", out, *TINY)
     assert result.returncode == 0, result.stderr
     assert "of 5 classes" in result.stdout
-    pred = run("predict.py", data / "test", "--model", out / "model.tflite", "--json")
+    pred = call("predict.py", data / "test", "--model", out / "model.tflite", "--json")
     assert pred.returncode == 0, pred.stderr
     rows = lines(pred)
     assert len(rows) == 10 and all(list(r["probabilities"]) == sorted(photos) for r in rows)
@@ -144,9 +144,9 @@ def test_a_two_class_model_of_other_classes_keeps_the_two_class_contract(photos,
                 zf.writestr(f"mine/{flower}/{i}.jpg", jpeg)
     data, out = tmp_path / "split", tmp_path / "model"
     assert run("prepare_data.py", "--source", src, "--out", data).returncode == 0
-    result = run("train.py", "--data", data, "--out", out, *TINY)
+    result = call("train.py", "--data", data, "--out", out, *TINY)
     assert result.returncode == 0, result.stderr
-    pred = run("predict.py", data / "test", "--model", out / "model.keras", "--json")
+    pred = call("predict.py", data / "test", "--model", out / "model.keras", "--json")
     assert pred.returncode == 0, pred.stderr
     for r in lines(pred):
         assert list(r["probabilities"]) == ["dandelion", "sunflowers"]
@@ -203,16 +203,16 @@ def mismatched(tmp_path_factory):
 @pytest.mark.parametrize("name", ["wrong.keras", "wrong.tflite"])
 def test_predict_refuses_a_model_whose_names_do_not_match_its_outputs(mismatched, name, tmp_path):
     write_files(tmp_path, {"p.jpg": encode(photo(), "JPEG")})
-    message = one_error(run("predict.py", tmp_path / "p.jpg", "--model", mismatched / name))
+    message = one_error(call("predict.py", tmp_path / "p.jpg", "--model", mismatched / name))
     assert "gives 3 output(s) but names 2 classes (a, b)" in message
 
 
 def test_predict_takes_labels_txt_beside_a_model_without_names_and_refuses_none(mismatched, tmp_path):
     write_files(tmp_path, {"p.jpg": encode(photo(), "JPEG")})
     model = mismatched / "nameless.tflite"
-    assert "carries no class names" in one_error(run("predict.py", tmp_path / "p.jpg", "--model", model))
+    assert "carries no class names" in one_error(call("predict.py", tmp_path / "p.jpg", "--model", model))
     (mismatched / "labels.txt").write_text("x\ny\nz\n")
-    result = run("predict.py", tmp_path / "p.jpg", "--model", model, "--json")
+    result = call("predict.py", tmp_path / "p.jpg", "--model", model, "--json")
     assert result.returncode == 0 and list(lines(result)[0]["probabilities"]) == ["x", "y", "z"]
 
 

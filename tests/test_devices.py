@@ -5,14 +5,14 @@ import json
 
 from test_train import backed_up_epochs, start, wait_for_epochs
 
-from conftest import run
+from conftest import call, run
 from utils.config import LITERT_FILE, MODEL_FILE
 
 FLAGS = ["--batch-size", "16", "--image-size", "64", "--ema", "0.9"]
 
 
 def test_two_devices_train_resume_after_kill_and_export(small_split, tmp_path):
-    single = run("train.py", "--data", small_split, "--out", tmp_path / "one", "--epochs", "3", *FLAGS)
+    single = call("train.py", "--data", small_split, "--out", tmp_path / "one", "--epochs", "3", *FLAGS)
     assert single.returncode == 0, single.stderr
 
     out = tmp_path / "two"
@@ -33,7 +33,7 @@ def test_two_devices_train_resume_after_kill_and_export(small_split, tmp_path):
     # the averaged weights were validated and saved: the model predicts, from both files alike
     rows = {}
     for name in (MODEL_FILE, LITERT_FILE):
-        result = run("predict.py", small_split / "test", "--model", out / name, "--json")
+        result = call("predict.py", small_split / "test", "--model", out / name, "--json")
         assert result.returncode == 0, result.stderr
         rows[name] = [json.loads(line)["dog_probability"] for line in result.stdout.splitlines()]
     assert max(abs(a - b) for a, b in zip(*rows.values(), strict=True)) < 1e-3

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run
+from conftest import ROOT, call
 from utils.config import LITERT_FILE, MODEL_FILE
 from utils.images import list_images, load_image
 
@@ -116,7 +116,7 @@ def test_pointing_game_on_real_photos(shipped, shared_zip):
 
 def test_predict_explain_writes_a_picture_per_image(tmp_path):
     out = tmp_path / "explained"
-    result = run("predict.py", EXAMPLES, "--explain", "--explain-dir", out, "--json", "--show", tmp_path / "g.png")
+    result = call("predict.py", EXAMPLES, "--explain", "--explain-dir", out, "--json", "--show", tmp_path / "g.png")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list_images(EXAMPLES)) == len(list(out.iterdir()))
@@ -138,7 +138,7 @@ def test_names_that_collide_get_numbered(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "pet.jpg").write_bytes((EXAMPLES / "cat_10001.jpg").read_bytes())
-    result = run("predict.py", tmp_path / "a", tmp_path / "b", "--explain", "--explain-dir", tmp_path / "out")
+    result = call("predict.py", tmp_path / "a", tmp_path / "b", "--explain", "--explain-dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pet-2.jpg", "pet.jpg"]
 
@@ -153,17 +153,17 @@ def test_a_litert_file_without_maps_says_how_to_refresh_it(tmp_path):
     model.export(tmp_path / "old.tflite", format="litert", verbose=False)
     pack_labels(tmp_path / "old.tflite", ["cat", "dog"])
     photo = EXAMPLES / "cat_10001.jpg"
-    plain = run("predict.py", photo, "--model", tmp_path / "old.tflite")
+    plain = call("predict.py", photo, "--model", tmp_path / "old.tflite")
     assert plain.returncode == 0, plain.stderr  # it still predicts
-    explained = run("predict.py", photo, "--model", tmp_path / "old.tflite", "--explain", "--explain-dir", tmp_path)
+    explained = call("predict.py", photo, "--model", tmp_path / "old.tflite", "--explain", "--explain-dir", tmp_path)
     assert explained.returncode == 2 and "Traceback" not in explained.stderr
     assert f"train.py --export {tmp_path / 'old.keras'}" in explained.stderr
-    exported = run("train.py", "--export", tmp_path / "old.keras")
+    exported = call("train.py", "--export", tmp_path / "old.keras")
     assert exported.returncode == 0, exported.stderr
-    again = run("predict.py", photo, "--model", tmp_path / "old.tflite", "--explain", "--explain-dir", tmp_path / "e")
+    again = call("predict.py", photo, "--model", tmp_path / "old.tflite", "--explain", "--explain-dir", tmp_path / "e")
     assert again.returncode == 0, again.stderr
     assert [p.name for p in (tmp_path / "e").iterdir()] == ["cat_10001.jpg"]
-    assert run("train.py", "--export", photo).returncode == 2
+    assert call("train.py", "--export", photo).returncode == 2
 
 
 def test_mistakes_picture_carries_heat_maps(tmp_path, monkeypatch):

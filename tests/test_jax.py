@@ -13,7 +13,7 @@ import utils.engine_numpy
 import utils.engine_tf
 import utils.images
 import utils.warps
-from conftest import ROOT, run
+from conftest import ROOT, call, run
 from utils.config import LITERT_FILE, MODEL_FILE
 
 JAX = {"KERAS_BACKEND": "jax"}
@@ -38,14 +38,14 @@ def test_jax_backend_trains_resumes_and_saves_both_files(small_split, tmp_path):
     # the model trained on JAX loads on TensorFlow, and its LiteRT copy (exported there) agrees with it
     rows = {}
     for name in (MODEL_FILE, LITERT_FILE):
-        result = run("predict.py", small_split / "test", "--model", out / name, "--json")
+        result = call("predict.py", small_split / "test", "--model", out / name, "--json")
         assert result.returncode == 0, result.stderr
         rows[name] = [json.loads(line)["dog_probability"] for line in result.stdout.splitlines()]
     assert len(rows[MODEL_FILE]) == 6
     assert max(abs(a - b) for a, b in zip(*rows.values(), strict=True)) < 1e-3
     saved = json.loads((out / "test_predictions.json").read_text())  # JAX's own evaluation agrees too
     by_path = {r["path"]: r["probabilities"]["dog"] for r in saved}
-    keras_rows = run("predict.py", small_split / "test", "--model", out / MODEL_FILE, "--json").stdout.splitlines()
+    keras_rows = call("predict.py", small_split / "test", "--model", out / MODEL_FILE, "--json").stdout.splitlines()
     for row in map(json.loads, keras_rows):
         assert abs(row["dog_probability"] - by_path[row["path"]]) < 2e-3
 
@@ -148,7 +148,7 @@ def test_two_processes_train_one_model_through_jax_distributed(small_split, tmp_
 
 def test_processes_refused_without_jax_or_coordinator(small_split, tmp_path):
     base = ["--data", small_split, "--out", tmp_path / "x", "--processes", "2"]
-    on_tf = run("train.py", *base, "--coordinator", "localhost:1", env={"KERAS_BACKEND": "tensorflow"})
+    on_tf = call("train.py", *base, "--coordinator", "localhost:1")  # this process runs Keras on TensorFlow
     assert on_tf.returncode == 2 and "KERAS_BACKEND=jax" in on_tf.stderr
     lost = run("train.py", *base, env=JAX)
     assert lost.returncode == 2 and "--coordinator" in lost.stderr

@@ -16,7 +16,7 @@ import utils.engine_numpy
 import utils.engine_tf
 import utils.images
 import utils.warps
-from conftest import ROOT, run
+from conftest import ROOT, call, run
 from utils.config import MODEL_FILE
 from utils.images import DiskImages, list_split, load_split, split_classes
 
@@ -236,9 +236,9 @@ def test_jax_trains_resumes_and_predicts_where_tensorflow_is_not_installed(small
     saved = {r["path"]: r["probabilities"]["dog"] for r in json.loads((out / "test_predictions.json").read_text())}
     assert all(abs(on_jax[p] - saved[p]) < 2e-3 for p in on_jax)
 
-    exported = run("train.py", "--export", out / MODEL_FILE)  # where TensorFlow is installed
+    exported = call("train.py", "--export", out / MODEL_FILE)  # where TensorFlow is installed
     assert exported.returncode == 0, exported.stderr
-    litert = run("predict.py", small_split / "test", "--model", (out / MODEL_FILE).with_suffix(".tflite"), "--json")
+    litert = call("predict.py", small_split / "test", "--model", (out / MODEL_FILE).with_suffix(".tflite"), "--json")
     assert litert.returncode == 0, litert.stderr
     for row in map(json.loads, litert.stdout.splitlines()):
         assert abs(row["dog_probability"] - on_jax[row["path"]]) < 1e-3

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import encode, photo, run, write_files
+from conftest import call, encode, photo, run, write_files
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def lines(result):
 
 
 def test_folder_recursive_json_output(model, images):
-    result = run("predict.py", images, "--model", model / "tiny.keras", "--json")
+    result = call("predict.py", images, "--model", model / "tiny.keras", "--json")
     assert result.returncode == 0, result.stderr
     rows = lines(result)
     assert [r["path"] for r in rows] == [str(images / name) for name in ("b.PNG", "sub/c.gif", "ä cat.jpg")]
@@ -53,7 +53,7 @@ def test_folder_recursive_json_output(model, images):
 
 def test_plain_output_one_line_per_image_and_show(model, images, tmp_path):
     grid = tmp_path / "grid.png"
-    result = run("predict.py", images / "ä cat.jpg", images / "b.PNG", "--model", model / "tiny.keras", "--show", grid)
+    result = call("predict.py", images / "ä cat.jpg", images / "b.PNG", "--model", model / "tiny.keras", "--show", grid)
     assert result.returncode == 0, result.stderr
     out = [line.split("\t") for line in result.stdout.splitlines()]
     assert [o[0] for o in out] == [str(images / "ä cat.jpg"), str(images / "b.PNG")]
@@ -63,7 +63,7 @@ def test_plain_output_one_line_per_image_and_show(model, images, tmp_path):
 
 def test_unreadable_images_give_exit_1_and_the_rest_are_predicted(model, images):
     write_files(images, {"empty.jpg": b"", "fake.png": b"hello", "cut.jpg": encode(photo(), "JPEG")[:900]})
-    result = run("predict.py", images, "--model", model / "tiny.keras", "--json")
+    result = call("predict.py", images, "--model", model / "tiny.keras", "--json")
     assert result.returncode == 1
     rows = {r["path"].split("/")[-1]: r for r in lines(result)}
     assert {n for n, r in rows.items() if "error" in r} == {"empty.jpg", "fake.png", "cut.jpg"}
@@ -98,7 +98,7 @@ def test_usage_errors_exit_2_with_one_line(model, images, tmp_path, case, messag
         target = tmp_path / "nope.jpg"
     elif case == "empty_folder":
         target = tmp_path / "empty"
-    result = run("predict.py", target, "--model", model_file)
+    result = call("predict.py", target, "--model", model_file)
     assert result.returncode == 2
     problem = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(problem) == 1 and message in problem[0]
@@ -121,7 +121,7 @@ def test_prediction_uses_the_training_preprocessing(model, images, kind):
     plain, flipped = (float(m(x, training=False).numpy().ravel()[0]) for x in (image, mirror))
     assert abs(plain - flipped) > 1e-4, "the test photo must look different mirrored"
     expected = (plain + flipped) / 2 if MIRROR_TTA else plain
-    result = run("predict.py", images / "b.PNG", "--model", model / f"tiny.{kind}", "--json")
+    result = call("predict.py", images / "b.PNG", "--model", model / f"tiny.{kind}", "--json")
     assert lines(result)[0]["dog_probability"] == pytest.approx(expected, abs=1e-4)
 
 

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, call, run
 from utils.config import LITERT_FILE, MAX_FILE_BYTES, MODEL_FILE
 
 
@@ -80,7 +80,7 @@ def test_prepare_that_fills_the_disk_while_writing_removes_its_temporary_folder(
 
 def test_train_refuses_at_the_start_when_its_files_cannot_fit(small_disk, tmp_path, small_split):
     disk = small_disk("3m")
-    result = run("train.py", "--data", small_split, "--out", disk / "models", *TINY)
+    result = call("train.py", "--data", small_split, "--out", disk / "models", *TINY)
     assert result.returncode == 2
     line = one_error_line(result)
     assert f"the disk of {disk / 'models'} is full" in line
@@ -117,7 +117,7 @@ def test_train_stopped_by_a_full_disk_resumes_once_space_is_freed(small_disk, sm
     assert [p.name for p in out.rglob(".*.h5")] == [] and not (out / MODEL_FILE).exists()
 
     ballast.unlink()
-    resumed = run("train.py", *args, "--resume")
+    resumed = call("train.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     history = json.loads((out / "history.json").read_text())
     assert len(history["val_accuracy"]) == 4 and history["elapsed_seconds"] == sorted(history["elapsed_seconds"])
@@ -162,14 +162,14 @@ def test_a_second_train_into_the_same_out_refuses_and_a_killed_one_blocks_nothin
     )
     try:
         assert wait_for_lock(out / ".lock", first) == str(first.pid)
-        second = run("train.py", *args)
+        second = call("train.py", *args)
         assert second.returncode == 2
         assert f"--out {out} is in use by another run (process {first.pid})" in one_error_line(second)
         assert first.poll() is None, "the second run disturbed the first"
     finally:
         first.kill()
         first.wait()
-    after = run("train.py", *args)
+    after = call("train.py", *args)
     assert after.returncode == 0, after.stderr
     assert not (out / ".lock").exists()
 

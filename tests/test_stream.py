@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import utils.images
-from conftest import run
+from conftest import call
 from utils.backend import choose_precision
 from utils.files import UserError
 
@@ -22,7 +22,7 @@ def test_a_streamed_run_trains_exactly_as_one_in_memory(small_split, tmp_path):
     runs = {}
     for mode in ("memory", "stream"):
         flags = ["--stream"] if mode == "stream" else []
-        result = run("train.py", "--data", small_split, "--out", tmp_path / mode, *SHORT, *flags)
+        result = call("train.py", "--data", small_split, "--out", tmp_path / mode, *SHORT, *flags)
         assert result.returncode == 0, result.stderr
         assert ("streaming the splits" in result.stdout) == (mode == "stream")
         runs[mode] = json.loads((tmp_path / mode / "history.json").read_text())
@@ -35,7 +35,7 @@ def test_a_streamed_run_trains_exactly_as_one_in_memory(small_split, tmp_path):
 
     # a second run reuses the cache, as long as the split's files are the same
     before = {p.name: p.stat().st_mtime_ns for p in (small_split / ".cache").iterdir()}
-    again = run("train.py", "--data", small_split, "--out", tmp_path / "again", *SHORT, "--stream")
+    again = call("train.py", "--data", small_split, "--out", tmp_path / "again", *SHORT, "--stream")
     assert again.returncode == 0, again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (small_split / ".cache").iterdir()} == before
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, call, run
 from utils.config import LITERT_FILE, MODEL_FILE
 
 
@@ -21,7 +21,7 @@ def data(small_split):
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
-    result = run("train.py", "--data", data, "--out", out, *TINY, "--tensorboard")
+    result = call("train.py", "--data", data, "--out", out, *TINY, "--tensorboard")
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -39,13 +39,13 @@ def test_prepare_train_plot_predict_end_to_end(data, trained):
     assert not (out / ".run").exists(), "the finished run's working files were left behind"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "--tensorboard wrote no event files"
 
-    plots = run("plot_history.py", out / "history.json")
+    plots = call("plot_history.py", out / "history.json")
     assert plots.returncode == 0, plots.stderr
     assert "without heat maps" not in plots.stderr  # the saved model explains its mistakes
     for name in ("accuracy.png", "loss.png", "confusion.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
-    pred = run("predict.py", data / "test" / "cats", "--model", out / MODEL_FILE, "--json")
+    pred = call("predict.py", data / "test" / "cats", "--model", out / MODEL_FILE, "--json")
     assert pred.returncode == 0, pred.stderr
     rows = [json.loads(line) for line in pred.stdout.splitlines()]
     assert len(rows) == 3 and all(r["label"] in ("cat", "dog") and 0 <= r["dog_probability"] <= 1 for r in rows)
@@ -66,7 +66,7 @@ def test_litert_copy_agrees_with_the_keras_model_on_real_photos(data, trained):
     out, _ = trained
     by_model = {}
     for name in (MODEL_FILE, LITERT_FILE):
-        result = run("predict.py", data, "--model", out / name, "--json")
+        result = call("predict.py", data, "--model", out / name, "--json")
         assert result.returncode == 0, result.stderr
         by_model[name] = {r["path"]: r for r in map(json.loads, result.stdout.splitlines())}
     keras_rows, litert_rows = by_model[MODEL_FILE], by_model[LITERT_FILE]
@@ -132,9 +132,9 @@ def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, t
     assert (out / MODEL_FILE).read_bytes() == previous
     done = backed_up_epochs(out)
     flags = ["--data", data, "--out", out, "--batch-size", "16", "--image-size", "64", "--resume"]
-    mismatch = run("train.py", *flags, "--epochs", "4")
+    mismatch = call("train.py", *flags, "--epochs", "4")
     assert mismatch.returncode == 2 and "--epochs 3 (now 4)" in mismatch.stderr
-    resumed = run("train.py", *flags, "--epochs", "3")
+    resumed = call("train.py", *flags, "--epochs", "3")
     assert resumed.returncode == 0, resumed.stderr
     assert f"Epoch {done}/3" not in resumed.stdout and "Epoch 3/3" in resumed.stdout
     history = json.loads((out / "history.json").read_text())
@@ -175,7 +175,7 @@ def test_refusals_are_one_line(data, tmp_path):
     unfinished.parent.mkdir(parents=True)
     unfinished.write_text("{}")
     for flags, message in cases:
-        result = run("train.py", "--out", tmp_path / "out", *flags)
+        result = call("train.py", "--out", tmp_path / "out", *flags)
         assert result.returncode == 2, (flags, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr
         assert unfinished.exists(), "a refused run deleted the unfinished run"
