@@ -245,7 +245,8 @@ def train(args, out, work, config, derived, class_names, splits):
         verbose=verbose,
     )
     run = {"train_images": len(x_train), "val_images": len(x_val), "image_size": args.image_size}
-    run |= {"batch_size": args.batch_size, "recipe": {k: getattr(args, k) for k in RECIPE}, "parameters": None}
+    run |= {"batch_size": args.batch_size, "recipe": {k: getattr(args, k) for k in RECIPE}}
+    run |= {"parameters": model.count_params()}  # the final model's too: no weight depends on the image size
     run |= {"precision": precision, "engine": args.engine, "device": device_text(gpus, devices)}
     return evaluate_and_save(out, model, work, class_names, test, run, args.width, litert=not args.process_id)
 
@@ -282,7 +283,7 @@ def evaluate_and_save(out, model, work, class_names, test, run, width, litert):
     final.set_weights(model.get_weights())
     plain, both = evaluate(final, x_test)
     prob = both if MIRROR_TTA else plain  # what utils.evaluate.class_probabilities, and so predict.py, gives
-    history = metrics_of(log, prob, plain, y_test, class_names, run | {"parameters": final.count_params()})
+    history = metrics_of(log, prob, plain, y_test, class_names, run)
     predictions = test_predictions(test_paths, y_test, prob, class_names)
     saved = save_run(out, final, class_names, history, predictions, litert)
     shutil.rmtree(work, ignore_errors=True)

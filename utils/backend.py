@@ -23,15 +23,22 @@ def choose_backend():
 def import_keras():
     """Import Keras without TensorFlow's start-up chatter on stderr; TensorFlow itself only on its backend
     (on JAX, training needs no TensorFlow)."""
+    keras = keras_alone()
+    if keras.backend.backend() == "tensorflow":
+        with quiet_stderr():
+            import tensorflow as tf
+
+            tf.config.list_logical_devices()  # device start-up happens here, while muted
+    return keras
+
+
+def keras_alone():
+    """Keras imported on the backend choose_backend picks, quietly, without starting TensorFlow's devices."""
     choose_backend()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with quiet_stderr():
         import keras
 
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            tf.config.list_logical_devices()  # device start-up happens here, while muted
     return keras
 
 
@@ -43,12 +50,7 @@ def has_tensorflow():
 def backend():
     """The Keras backend this run uses (KERAS_BACKEND, else Keras's own configuration), read without
     starting TensorFlow's devices (training_strategy may still split the CPU)."""
-    choose_backend()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with quiet_stderr():
-        import keras
-
-    return keras.backend.backend()
+    return keras_alone().backend.backend()
 
 
 def jax_strategy(devices, processes=1, process_id=0, coordinator=None):

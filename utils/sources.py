@@ -109,8 +109,9 @@ def read_source(source):
         found = [(name, (source, name)) for name in names]
     else:
         raise UserError(f"--source {source} is neither a zip file nor a folder")
-    skipped = [{"path": rel, "reason": why} for rel, _ in found if (why := hidden(PurePosixPath(rel).parts))]
-    found = [(rel, where) for rel, where in found if not hidden(PurePosixPath(rel).parts)]
+    reasons = [hidden(PurePosixPath(rel).parts) for rel, _ in found]
+    skipped = [{"path": rel, "reason": why} for (rel, _), why in zip(found, reasons, strict=True) if why]
+    found = [entry for entry, why in zip(found, reasons, strict=True) if not why]
     if not found:
         raise UserError(f"no files found in {source}; expected one sub-folder of images per class")
     classes, labels = layout([rel for rel, _ in found], source)
