@@ -1,5 +1,5 @@
-"""utils.engine_tf.augment: one seeded random warp per image, mirrored or not, and nothing else when the
-other transforms are off."""
+"""utils.engine_tf.random_transforms and warp: one seeded random warp per image, mirrored or not, and
+nothing else when the other transforms are off."""
 
 from unittest import mock
 
@@ -23,7 +23,8 @@ def warp(images, seed, **settings):
     import tensorflow as tf
 
     with mock.patch.dict(utils.warps.AUGMENTATION, settings):
-        return utils.engine_tf.augment(tf.constant(images), tf.constant(seed, "int64")).numpy()
+        transforms = utils.engine_tf.random_transforms(len(images), images.shape[1], tf.constant(seed, "int64"))
+        return utils.engine_tf.warp(tf.constant(images), transforms).numpy()
 
 
 def test_with_only_the_mirror_each_image_is_itself_or_its_mirror_and_both_happen(photos):

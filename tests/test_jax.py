@@ -77,33 +77,31 @@ def free_port():
 
 def test_batch_shares_of_processes_make_up_the_whole_batch(small_split):
     """Each process's share of a batch, warped with its share of the batch's draws: put together, the shares
-    are the one-process batch, pixel for pixel, in both engines."""
+    are the one-process batch, bit for bit, in both engines."""
     from utils.images import list_split, load_split, split_classes
 
     x, labels, _ = load_split(*list_split(small_split, "train", split_classes(small_split)[1]), 48)
     y = labels.astype("float32")
     sizes = [32, 48]
-    whole, side, number = utils.warps.batch_plan(len(y), 16, 3, sizes, 0)
+    whole = utils.warps.batch_plan(len(y), 16, 3, sizes, 0)
     shares = [utils.warps.batch_plan(len(y), 16, 3, sizes, 0, part=(i, 2)) for i in (0, 1)]
-    assert np.array_equal(np.concatenate([s[0] for s in shares], axis=1), whole)  # disjoint halves, in order
-    assert all(np.array_equal(s[1], side) and np.array_equal(s[2], number) for s in shares)
+    assert np.array_equal(np.concatenate([s.index for s in shares], axis=1), whole.index)  # disjoint halves
+    assert all(np.array_equal(s.side, whole.side) and np.array_equal(s.number, whole.number) for s in shares)
+    assert [s.start for s in shares] == [0, 8] and whole.share(np.arange(16)).tolist() == list(range(16))
 
-    def numpy_engine(part):
-        data = utils.engine_numpy.array_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)
-        return [data[k] for k in range(len(whole))]
+    def numpy_engine(plan):
+        data = utils.engine_numpy.array_batches(x, y, None, plan, 1.0)
+        return [data[k] for k in range(len(whole.index))]
 
-    def tf_engine(part):
-        return [
-            tuple(t.numpy() for t in b)
-            for b in utils.engine_tf.warped_batches(x, y, None, 16, 3, sizes, 0, 1.0, part=part)
-        ]
+    def tf_engine(plan):
+        return [tuple(t.numpy() for t in b) for b in utils.engine_tf.warped_batches(x, y, None, plan, 1.0)]
 
     for engine in (numpy_engine, tf_engine):
-        one, halves = engine((0, 1)), [engine((i, 2)) for i in (0, 1)]
+        one, halves = engine(whole), [engine(s) for s in shares]
         for k, batch in enumerate(one):
             for part in range(2):  # images and targets
                 joined = np.concatenate([halves[0][k][part], halves[1][k][part]])
-                assert np.allclose(joined, batch[part], atol=1e-3), (engine.__name__, k)
+                assert np.array_equal(joined, batch[part]), (engine.__name__, k)
 
 
 def test_two_processes_train_one_model_through_jax_distributed(small_split, tmp_path):

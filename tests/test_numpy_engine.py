@@ -133,7 +133,8 @@ def test_numpy_batches_follow_the_plan_resume_and_stream_alike(photos, small_spl
     sizes = [64, 64, 96]
 
     def batches(x, first_epoch, mix=0.0):
-        data = utils.engine_numpy.array_batches(x, y, None, 16, 7, sizes, first_epoch, 1.0, mix, workers=2)
+        plan = utils.warps.batch_plan(len(y), 16, 7, sizes, first_epoch)
+        data = utils.engine_numpy.array_batches(x, y, None, plan, 1.0, mix, workers=2)
         assert data.num_batches is None  # endless to Keras: item k is batch k of the run
         return [data[k] for k in range(3 * (len(sizes) - first_epoch))]
 
@@ -159,9 +160,10 @@ import json
 import numpy as np
 from utils.backend import import_keras
 from utils.engine_numpy import array_batches
+from utils.warps import batch_plan
 keras = import_keras()
 photos = np.random.default_rng(0).integers(0, 255, (48, 40, 40, 3), dtype=np.uint8)
-data = array_batches(photos, np.arange(48, dtype="float32"), None, 16, 7, [32, 32, 40], 1, 1.0, workers=2)
+data = array_batches(photos, np.arange(48, dtype="float32"), None, batch_plan(48, 16, 7, [32, 32, 40], 1), 1.0)
 calls, getitem = [], type(data).__getitem__
 type(data).__getitem__ = lambda self, k: calls.append(k) or getitem(self, k)
 inputs = keras.Input((None, None, 3))

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from utils.backend import import_keras
-from utils.warps import AUGMENTATION, batch_plan, warp_transforms
+from utils.warps import AUGMENTATION, warp_transforms
 
 
 # The NumPy engine: the same batches without TensorFlow (for the JAX backend where TensorFlow is not installed).
@@ -22,14 +22,13 @@ def resize_array(images, size):
     )
 
 
-def random_transforms(rng, n, side, strength=1.0, part=(0, 1)):
-    """augment's draws (mirror, rotation, zoom, shift) for n images from a NumPy generator, as transforms
-    (part: as augment's)."""
+def random_transforms(rng, n, side, strength=1.0):
+    """engine_tf.random_transforms's draws (mirror, rotation, zoom, shift) for n images from a NumPy
+    generator, as transforms."""
     a = AUGMENTATION
-    i, parts = part
 
     def uniform(limit):
-        return rng.uniform(-limit, limit, n * parts)[i * n : (i + 1) * n].astype("float32")
+        return rng.uniform(-limit, limit, n).astype("float32")
 
     angle, zoom = uniform(a["rotation"] * strength * 2 * np.pi), 1 + uniform(a["zoom"] * strength)
     shift_x, shift_y = uniform(a["translation"] * strength) * side, uniform(a["translation"] * strength) * side
@@ -78,7 +77,7 @@ def cutmix_arrays(images, y, w, rng, share):
     return (images, y) if w is None else (images, y, ((1 - area) * w + area * w[other]).astype("float32"))
 
 
-def array_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0, workers=2, part=(0, 1)):
+def array_batches(x, y, w, plan, strength, mix=0.0, workers=2):
     """warped_batches as a keras.utils.PyDataset with NumPy and PIL doing the work (threads: both release the
     GIL), for the JAX backend without TensorFlow: the same plan of batches and sizes, each batch's warps and
     CutMix drawn from (seed, batch number). Item k is batch k of the run (from first_epoch on), and the dataset
@@ -86,13 +85,14 @@ def array_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0
     workers at item 0 each epoch and calls on_epoch_end once more than there are epochs, which would replay or
     shift batches. So Keras's own workers stay off and `workers` threads prepare the next batches instead."""
     keras = import_keras()
-    index, side, number = batch_plan(len(y), batch_size, seed, sizes, first_epoch, part)
+    index, side = plan.index, plan.side
 
     def make(k):
         k %= len(index)  # Keras reads a batch or two past the last step; they are never trained on
-        i, rng = index[k], np.random.default_rng([seed, int(number[k])])
+        i, rng = index[k], np.random.default_rng([plan.seed, int(plan.number[k])])
         images = resize_array(x[i], int(side[k]))
-        images = warp_arrays(images, random_transforms(rng, len(i), side[k], strength, part))
+        transforms = random_transforms(rng, plan.width, side[k], strength)  # for the whole batch
+        images = warp_arrays(images, plan.share(transforms))
         if not mix:
             return (images, y[i]) if w is None else (images, y[i], w[i])
         return cutmix_arrays(images, y[i], None if w is None else w[i], rng, mix)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from utils.images import DiskImages
-from utils.warps import AUGMENTATION, batch_plan, warp_transforms
+from utils.warps import AUGMENTATION, warp_transforms
 
 
 def resize(images, size):
@@ -16,38 +16,40 @@ def resize(images, size):
     return tf.image.resize(images, (size, size), antialias=True)
 
 
-def augment(images, seed, strength=1.0, part=(0, 1)):
-    """Each image of a batch warped once by a random mirror, rotation, zoom and shift (AUGMENTATION's, the
-    last three times `strength`), drawn from `seed` (two integers), so a resumed run draws what the
-    interrupted one would have. One resampling per image, where Keras's RandomRotation, RandomTranslation
-    and RandomZoom resample once each, which is slower and blurs. part (process i of n): the images are
-    process i's share of a batch, and get that share of the whole batch's draws."""
+def random_transforms(n, side, seed, strength=1.0):
+    """n random warps of images of `side` px (a mirror, rotation, zoom and shift: AUGMENTATION's, the last three
+    times `strength`) as the transforms `warp` takes, drawn from `seed` (two integers), so a resumed run draws
+    what the interrupted one would have."""
     import tensorflow as tf
 
     a = AUGMENTATION
-    n, side = tf.shape(images)[0], tf.cast(tf.shape(images)[1], "float32")
+    side = tf.cast(side, "float32")
     seeds = tf.random.experimental.stateless_split(seed, 5)
-    i, parts = part
 
     def uniform(k, limit):
-        if parts == 1:  # one process draws without a slice, which would change the float rounding
-            return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
-        return tf.random.stateless_uniform([n * parts], seeds[k], -limit, limit)[i * n : (i + 1) * n]
+        return tf.random.stateless_uniform([n], seeds[k], -limit, limit)
 
     angle, zoom = uniform(0, a["rotation"] * strength * 2 * np.pi), 1 + uniform(1, a["zoom"] * strength)
     shift_x = uniform(2, a["translation"] * strength) * side
     shift_y = uniform(3, a["translation"] * strength) * side
     mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] else tf.ones([n])
-    transform = warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, tf)
+    return tf.cast(warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, tf), "float32")
+
+
+def warp(images, transforms):
+    """Each image of a batch resampled once by its transform: one resampling per image, where Keras's
+    RandomRotation, RandomTranslation and RandomZoom resample once each, which is slower and blurs."""
+    import tensorflow as tf
+
     # the op Keras's affine_transform runs on TensorFlow, called directly: keras.ops inside tf.data fails on
     # the JAX and PyTorch backends (keras-team/keras#21785), plain TensorFlow ops do not
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
-        transforms=tf.cast(transform, "float32"),
+        transforms=transforms,
         output_shape=tf.shape(images)[1:3],
         fill_value=0.0,
         interpolation="BILINEAR",
-        fill_mode=a["fill_mode"].upper(),
+        fill_mode=AUGMENTATION["fill_mode"].upper(),
     )
 
 
@@ -76,14 +78,12 @@ def cutmix(images, y, w, seed, share):
     return (images, y) if w is None else (images, y, (1 - area) * w + area * tf.gather(w, other))
 
 
-def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=0.0, part=(0, 1)):
-    """tf.data batches (images, targets[, weights]) for epochs first_epoch.. (one epoch after the other,
-    each at its size), augmented on the fly by `augment`, and by `cutmix` on a share `mix` of them
-    (part: batch_plan's, for --processes)."""
+def warped_batches(x, y, w, plan, strength, mix=0.0):
+    """tf.data batches (images, targets[, weights]) of a warps.Plan (one epoch after the other, each at its
+    size), each image warped on the fly, and a share `mix` of the batches CutMixed."""
     import tensorflow as tf
 
-    index, side, number = batch_plan(len(y), batch_size, seed, sizes, first_epoch, part)
-    seeds = np.stack([np.full_like(number, seed), number], axis=1)  # each batch's own (seed, batch number)
+    seeds = np.stack([np.full_like(plan.number, plan.seed), plan.number], axis=1)  # each batch's (seed, number)
     y = tf.convert_to_tensor(y)
     w = None if w is None else tf.convert_to_tensor(w)
     if isinstance(x, DiskImages):  # streamed: each batch read from the cache file
@@ -100,11 +100,13 @@ def warped_batches(x, y, w, batch_size, seed, sizes, first_epoch, strength, mix=
             return tf.gather(x, i)
 
     def batch(i, s, k):
-        images = augment(resize(gather(i), s), k, strength, part)
+        images = resize(gather(i), s)
+        transforms = random_transforms(plan.width, tf.shape(images)[1], k, strength)  # for the whole batch
+        images = warp(images, plan.share(transforms))
         if not mix:
             return (images, tf.gather(y, i)) if w is None else (images, tf.gather(y, i), tf.gather(w, i))
         weights = None if w is None else tf.gather(w, i)
         return cutmix(images, tf.gather(y, i), weights, tf.random.experimental.stateless_fold_in(k, 1), mix)
 
-    epochs = tf.data.Dataset.from_tensor_slices((index, side, seeds)).map(batch, num_parallel_calls=2)
+    epochs = tf.data.Dataset.from_tensor_slices((plan.index, plan.side, seeds)).map(batch, num_parallel_calls=2)
     return epochs.prefetch(2)

@@ -1,5 +1,7 @@
 """What every augmentation engine shares: the random transforms, the plan of batches, the targets."""
 
+from typing import NamedTuple
+
 import numpy as np
 
 # Random transforms of training images, the one place to tune them. Both engines read this dict:
@@ -22,18 +24,40 @@ def image_sizes(final, epochs, progressive):
     return sizes + [final] * (epochs - n_small)
 
 
+class Plan(NamedTuple):
+    """The batches of a run from its first epoch still to train, which the tf.data and NumPy engines follow.
+    index: each batch's image indices, a row each; side: each batch's image size; number: each batch's number
+    in the run, which with seed draws its random transforms; width and start: the whole batch's size and where
+    this process's columns start in it (0 and the batch size when one process trains)."""
+
+    index: np.ndarray
+    side: np.ndarray
+    number: np.ndarray
+    seed: int
+    width: int
+    start: int
+
+    def share(self, draws):
+        """This process's rows of per-image draws made for the whole batch, so that the processes of a
+        --processes run warp their images as one process would warp the whole batch."""
+        if self.width == self.index.shape[1]:
+            return draws  # one process: no slice at all
+        return draws[self.start : self.start + self.index.shape[1]]
+
+
 def batch_plan(count, batch_size, seed, sizes, first_epoch, part=(0, 1)):
-    """(index, side, number): every batch's image indices (a row each), image size and number in the run
-    (what its random draws are seeded with), from first_epoch on. Each epoch is a fresh shuffle drawn from
+    """The Plan of a run of count images from first_epoch on. Each epoch is a fresh shuffle drawn from
     (seed, epoch), so a resumed run draws the same batches; the ragged last batch of an epoch is dropped.
-    part (process i of n): process i's share of each batch (its columns of index)."""
+    part (process i of n): the one place a --processes run is split, process i taking columns
+    i x batch_size / n.. of every batch."""
     steps = count // batch_size
     order = [np.random.default_rng([seed, e]).permutation(count)[: steps * batch_size] for e in range(len(sizes))]
     index = np.concatenate(order[first_epoch:]).reshape(-1, batch_size)
     side = np.repeat(np.array(sizes[first_epoch:], dtype="int32"), steps)
+    number = np.arange(first_epoch * steps, len(sizes) * steps)
     i, n = part
     share = batch_size // n
-    return index[:, i * share : (i + 1) * share], side, np.arange(first_epoch * steps, len(sizes) * steps)
+    return Plan(index[:, i * share : (i + 1) * share], side, number, seed, batch_size, i * share)
 
 
 def warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, xp):
