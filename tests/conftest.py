@@ -25,6 +25,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as `run` gives the scripts, for those `call` runs here
 
 
+def pytest_xdist_auto_num_workers(config):
+    """How many pytest-xdist workers `-n auto` (pyproject.toml's addopts) starts: one per core, at most 4, as
+    each worker starts TensorFlow and most tests start a script or two beside it."""
+    return min(len(os.sched_getaffinity(0)), 4)
+
+
 def run(script, *args, cwd=ROOT, timeout=300, env=None, **kw):
     """Run one of the project's scripts the way a user does (env: variables to add); return the CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}

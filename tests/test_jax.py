@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from test_train import backed_up_epochs, wait_for_epochs
 
 import utils.engine_numpy
@@ -50,21 +51,39 @@ def test_jax_backend_trains_resumes_and_saves_both_files(small_split, tmp_path):
         assert abs(row["dog_probability"] - by_path[row["path"]]) < 2e-3
 
 
-def test_jax_data_parallel_on_two_cpu_devices(small_split, tmp_path):
-    """--devices 2 on JAX: keras.distribution.DataParallel over two emulated CPU devices (XLA_FLAGS, as a
-    multi-GPU machine would give real ones), close to the one-device run on the same batches."""
-    histories = {}
-    for n in (1, 2):
-        env = {**JAX, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-        out = tmp_path / f"jax{n}"
-        result = run("train.py", "--data", small_split, "--out", out, *FLAGS, "--devices", str(n), env=env)
-        assert result.returncode == 0, result.stderr
-        assert ("devices cpu:0, cpu:1;" in result.stdout) == (n == 2)
-        histories[n] = json.loads((out / "history.json").read_text())
-    assert (tmp_path / "jax2" / MODEL_FILE).exists() and (tmp_path / "jax2" / LITERT_FILE).exists()
-    assert abs(histories[1]["loss"][0] - histories[2]["loss"][0]) < 0.1 * histories[1]["loss"][0]
-    for a, b in zip(histories[1]["val_loss"], histories[2]["val_loss"], strict=True):
+# The one-device run that the --devices 2 and --processes 2 runs are compared with: the NumPy engine, CutMix
+# off (it mixes within a process's share), one image size; XLA_FLAGS gives this process two CPU devices, as a
+# multi-GPU machine would give real ones, of which --devices 1 takes one.
+ALIKE = [*FLAGS[:-1], "32", "--engine", "numpy", "--cutmix", "0"]
+TWO_CPU_DEVICES = {**JAX, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+@pytest.fixture(scope="session")
+def one_device(small_split, tmp_path_factory):
+    """(stdout, history) of the one-device run, once per worker: its two tests are one xdist_group, and a worker
+    may run other modules' tests between them."""
+    out = tmp_path_factory.mktemp("jax-one-device")
+    result = run("train.py", "--data", small_split, "--out", out, *ALIKE, "--devices", "1", env=TWO_CPU_DEVICES)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, json.loads((out / "history.json").read_text())
+
+
+def assert_trained_alike(one, other):
+    """Two histories of the same batches on different hardware: close losses, epoch by epoch."""
+    assert abs(one["loss"][0] - other["loss"][0]) < 0.1 * one["loss"][0]
+    for a, b in zip(one["val_loss"], other["val_loss"], strict=True):
         assert abs(a - b) < 0.05
+
+
+@pytest.mark.xdist_group("one_device")
+def test_jax_data_parallel_on_two_cpu_devices(small_split, tmp_path, one_device):
+    """--devices 2 on JAX: keras.distribution.DataParallel over two CPU devices, close to the one-device run."""
+    out = tmp_path / "jax2"
+    result = run("train.py", "--data", small_split, "--out", out, *ALIKE, "--devices", "2", env=TWO_CPU_DEVICES)
+    assert result.returncode == 0, result.stderr
+    assert "devices cpu:0, cpu:1;" in result.stdout and "devices cpu:0, cpu:1;" not in one_device[0]
+    assert (out / MODEL_FILE).exists() and (out / LITERT_FILE).exists()
+    assert_trained_alike(one_device[1], json.loads((out / "history.json").read_text()))
 
 
 def free_port():
@@ -104,13 +123,13 @@ def test_batch_shares_of_processes_make_up_the_whole_batch(small_split):
                 assert np.array_equal(joined, batch[part]), (engine.__name__, k)
 
 
-def test_two_processes_train_one_model_through_jax_distributed(small_split, tmp_path):
+@pytest.mark.xdist_group("one_device")
+def test_two_processes_train_one_model_through_jax_distributed(small_split, tmp_path, one_device):
     """--processes 2 on one machine, as on two hosts: the processes meet at --coordinator (jax.distributed;
     gloo carries the CPU's all-reduce), each feeds half of every batch, and they train one model: the same
-    losses and predictions in both, and those of a one-process run on the same batches (CutMix off: it mixes
-    within a process's share)."""
+    losses and predictions in both, and those of the one-device run on the same batches."""
     out = tmp_path / "two"
-    flags = [*FLAGS, "--engine", "numpy", "--cutmix", "0", "--data", str(small_split), "--out", str(out)]
+    flags = [*ALIKE, "--data", str(small_split), "--out", str(out)]
     meet = ["--processes", "2", "--coordinator", f"localhost:{free_port()}"]
     env = {**os.environ, **JAX, "TF_CPP_MIN_LOG_LEVEL": "3"}
     procs = [
@@ -135,13 +154,7 @@ def test_two_processes_train_one_model_through_jax_distributed(small_split, tmp_
     assert predictions[0] == predictions[1]  # one model, not two
     assert (out / LITERT_FILE).exists() and not (folders[1] / LITERT_FILE).exists()
 
-    one = tmp_path / "one"
-    single = run("train.py", *FLAGS, "--engine", "numpy", "--cutmix", "0", "--data", small_split, "--out", one, env=JAX)
-    assert single.returncode == 0, single.stderr
-    alone = json.loads((one / "history.json").read_text())
-    assert abs(alone["loss"][0] - histories[0]["loss"][0]) < 0.1 * alone["loss"][0]
-    for a, b in zip(alone["val_loss"], histories[0]["val_loss"], strict=True):
-        assert abs(a - b) < 0.05
+    assert_trained_alike(one_device[1], histories[0])
 
 
 def test_processes_refused_without_jax_or_coordinator(small_split, tmp_path):
