@@ -7,9 +7,11 @@ import http.server
 import importlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -23,6 +25,20 @@ SHARED_ZIP = ROOT.parent / "shared" / "data" / "PetImages-180px.zip"
 FLOWERS_ZIP = ROOT.parent / "shared" / "data" / "flowers-5-256px.zip"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as `run` gives the scripts, for those `call` runs here
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the test run, shared by every JAX process the tests start (xdist workers
+    inherit it from the process that starts them): the same network at the same shapes is compiled once, not
+    once per run. JAX keys each entry by the program, its devices and flags, so a hit runs what a compile would."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="catsdogs-tests-jax-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        os.environ.update(
+            JAX_COMPILATION_CACHE_DIR=folder,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
 
 
 def pytest_xdist_auto_num_workers(config):
