@@ -40,9 +40,7 @@ class Plan(NamedTuple):
     def share(self, draws):
         """This process's rows of per-image draws made for the whole batch, so that the processes of a
         --processes run warp their images as one process would warp the whole batch."""
-        if self.width == self.index.shape[1]:
-            return draws  # one process: no slice at all
-        return draws[self.start : self.start + self.index.shape[1]]
+        return draws[self.start : self.start + self.index.shape[1]]  # one process: all of them
 
 
 def batch_plan(count, batch_size, seed, sizes, first_epoch, part=(0, 1)):
