@@ -85,13 +85,13 @@ def array_batches(x, y, w, plan, strength, mix=0.0, workers=2):
     workers at item 0 each epoch and calls on_epoch_end once more than there are epochs, which would replay or
     shift batches. So Keras's own workers stay off and `workers` threads prepare the next batches instead."""
     keras = import_keras()
-    index, side = plan.index, plan.side
+    index = plan.index
 
     def make(k):
         k %= len(index)  # Keras reads a batch or two past the last step; they are never trained on
-        i, rng = index[k], np.random.default_rng([plan.seed, int(plan.number[k])])
-        images = resize_array(x[i], int(side[k]))
-        transforms = random_transforms(rng, plan.width, side[k], strength)  # for the whole batch
+        i, side, rng = index[k], plan.side[k], np.random.default_rng([plan.seed, int(plan.number[k])])
+        images = resize_array(x[i], int(side))
+        transforms = random_transforms(rng, plan.width, side, strength)  # for the whole batch
         images = warp_arrays(images, plan.share(transforms))
         if not mix:
             return (images, y[i]) if w is None else (images, y[i], w[i])
