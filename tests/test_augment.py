@@ -74,3 +74,25 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_targets_by_its_area(
         assert np.allclose(t.sum(axis=1), 1) and np.all(t.max(axis=1) >= 1 - area - 1e-6)
         assert np.allclose(weight, 1)
     assert len(set(np.round(areas, 3))) > 3, "the box does not change from batch to batch"
+
+
+def test_alternating_flips_show_each_image_both_ways_in_every_two_epochs_in_both_engines(photos):
+    import utils.augment
+
+    x, y = photos.astype("uint8"), np.arange(len(photos), dtype="float32")
+    settings = dict(horizontal_flip="alternate", rotation=0.0, zoom=0.0, translation=0.0)
+    seen = {}
+    with mock.patch.dict(utils.warps.AUGMENTATION, settings):
+        for engine in ("layers", "numpy"):
+            data = utils.augment.batches(engine, x, y, None, 16, 5, [64, 64, 64], 0, 1.0, 0.0, 1, (0, 1))
+            steps = [data[k] for k in range(9)] if engine == "numpy" else list(data.take(9).as_numpy_iterator())
+            mirrored = np.zeros((3, len(x)), bool)  # epoch x image
+            for k, (images, labels) in enumerate(steps):
+                for image, i in zip(images, labels.astype(int), strict=True):
+                    assert np.array_equal(image, x[i]) or np.array_equal(image, x[i][:, ::-1])
+                    mirrored[k // 3, i] = np.array_equal(image, x[i][:, ::-1])
+            seen[engine] = mirrored
+    mirrored = seen["layers"]
+    assert np.array_equal(seen["numpy"], mirrored), "the engines flip different images"
+    assert np.all(mirrored[0] != mirrored[1]) and np.all(mirrored[1] != mirrored[2]), "an image kept its side"
+    assert 10 < mirrored[0].sum() < 38, f"{mirrored[0].sum()} of 48 mirrored first: not a random half"

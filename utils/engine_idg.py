@@ -20,7 +20,7 @@ def idg_batches(x, y, w, batch_size, seed, workers, strength):
         width_shift_range=a["translation"] * strength,
         height_shift_range=a["translation"] * strength,
         zoom_range=a["zoom"] * strength,
-        horizontal_flip=a["horizontal_flip"],
+        horizontal_flip=bool(a["horizontal_flip"]),  # random: ImageDataGenerator cannot alternate
         fill_mode=a["fill_mode"],
     )
     parent = os.getpid()

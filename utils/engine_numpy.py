@@ -32,7 +32,7 @@ def random_transforms(rng, n, side, strength=1.0):
 
     angle, zoom = uniform(a["rotation"] * strength * 2 * np.pi), 1 + uniform(a["zoom"] * strength)
     shift_x, shift_y = uniform(a["translation"] * strength) * side, uniform(a["translation"] * strength) * side
-    mirror = np.sign(uniform(1.0)) if a["horizontal_flip"] else np.ones(n, "float32")
+    mirror = np.sign(uniform(1.0)) if a["horizontal_flip"] is True else np.ones(n, "float32")
     return warp_transforms(angle, zoom, shift_x, shift_y, mirror, np.float32(side), np).astype("float32")
 
 
@@ -93,6 +93,8 @@ def array_batches(x, y, w, plan, strength, mix=0.0, workers=2):
         images = resize_array(x[i], int(side))
         transforms = random_transforms(rng, plan.width, side, strength)  # for the whole batch
         images = warp_arrays(images, plan.share(transforms))
+        if plan.mirror is not None:  # alternating flips (warps.alternate_flips)
+            images = np.where(plan.mirror[k][:, None, None, None], images[:, :, ::-1], images)
         if not mix:
             return (images, y[i]) if w is None else (images, y[i], w[i])
         return cutmix_arrays(images, y[i], None if w is None else w[i], rng, mix)

@@ -32,7 +32,7 @@ def random_transforms(n, side, seed, strength=1.0):
     angle, zoom = uniform(0, a["rotation"] * strength * 2 * np.pi), 1 + uniform(1, a["zoom"] * strength)
     shift_x = uniform(2, a["translation"] * strength) * side
     shift_y = uniform(3, a["translation"] * strength) * side
-    mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] else tf.ones([n])
+    mirror = tf.sign(uniform(4, 1.0)) if a["horizontal_flip"] is True else tf.ones([n])
     return tf.cast(warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, tf), "float32")
 
 
@@ -99,14 +99,17 @@ def warped_batches(x, y, w, plan, strength, mix=0.0):
         def gather(i):
             return tf.gather(x, i)
 
-    def batch(i, s, k):
+    def batch(i, s, k, m=None):
         images = resize(gather(i), s)
         transforms = random_transforms(plan.width, tf.shape(images)[1], k, strength)  # for the whole batch
         images = warp(images, plan.share(transforms))
+        if m is not None:  # alternating flips: a mirrored warp is the warp of the mirror image, drawn as often
+            images = tf.where(m[:, None, None, None], tf.reverse(images, axis=[2]), images)
         if not mix:
             return (images, tf.gather(y, i)) if w is None else (images, tf.gather(y, i), tf.gather(w, i))
         weights = None if w is None else tf.gather(w, i)
         return cutmix(images, tf.gather(y, i), weights, tf.random.experimental.stateless_fold_in(k, 1), mix)
 
-    epochs = tf.data.Dataset.from_tensor_slices((plan.index, plan.side, seeds)).map(batch, num_parallel_calls=2)
+    slices = (plan.index, plan.side, seeds) + (() if plan.mirror is None else (plan.mirror,))
+    epochs = tf.data.Dataset.from_tensor_slices(slices).map(batch, num_parallel_calls=2)
     return epochs.prefetch(2)

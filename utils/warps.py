@@ -7,7 +7,7 @@ import numpy as np
 # Random transforms of training images, the one place to tune them. Both engines read this dict:
 # rotation as a fraction of a full turn, translation and zoom as fractions of the image side.
 AUGMENTATION = dict(
-    horizontal_flip=True,
+    horizontal_flip=True,  # True: a random mirror each time; "alternate": mirrored every other epoch (airbench)
     rotation=0.04,  # +-14 degrees
     translation=0.1,
     zoom=0.15,
@@ -28,7 +28,8 @@ class Plan(NamedTuple):
     """The batches of a run from its first epoch still to train, which the tf.data and NumPy engines follow.
     index: each batch's image indices, a row each; side: each batch's image size; number: each batch's number
     in the run, which with seed draws its random transforms; width and start: the whole batch's size and where
-    this process's columns start in it (0 and the batch size when one process trains)."""
+    this process's columns start in it (0 and the batch size when one process trains); mirror: which images
+    of each batch are mirrored, when the flips alternate (None: the engines draw them)."""
 
     index: np.ndarray
     side: np.ndarray
@@ -36,6 +37,7 @@ class Plan(NamedTuple):
     seed: int
     width: int
     start: int
+    mirror: np.ndarray | None = None
 
     def share(self, draws):
         """This process's rows of per-image draws made for the whole batch, so that the processes of a
@@ -55,7 +57,20 @@ def batch_plan(count, batch_size, seed, sizes, first_epoch, part=(0, 1)):
     number = np.arange(first_epoch * steps, len(sizes) * steps)
     i, n = part
     share = batch_size // n
-    return Plan(index[:, i * share : (i + 1) * share], side, number, seed, batch_size, i * share)
+    index = index[:, i * share : (i + 1) * share]
+    mirror = alternate_flips(index, count, seed, steps, first_epoch)
+    return Plan(index, side, number, seed, batch_size, i * share, mirror)
+
+
+def alternate_flips(index, count, seed, steps, first_epoch):
+    """With AUGMENTATION's "alternate" flips (airbench, Jordan 2024): each image is mirrored in every other
+    epoch, starting with a random half of them, so that every two epochs show each image both ways; the random
+    flip can show an image the same way several epochs running. None for random flips."""
+    if AUGMENTATION["horizontal_flip"] != "alternate":
+        return None
+    first = np.random.default_rng([seed, 1 << 20]).integers(0, 2, count)
+    epoch = first_epoch + np.arange(len(index)) // steps
+    return (first[index] + epoch[:, None]) % 2 == 1
 
 
 def warp_transforms(angle, zoom, shift_x, shift_y, mirror, side, xp):
