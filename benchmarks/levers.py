@@ -1,0 +1,82 @@
+"""Each lever alone: short train.py runs of equal length and seed, one with each lever, and a table of them.
+
+    python benchmarks/levers.py default alternate-flips no-ema --short "--image-size 64 --epochs 5 --progressive 0"
+    python benchmarks/levers.py default alternate-flips --data data/flowers --short "--image-size 64 --epochs 20"
+
+A lever is a set of train.py flags, or of settings in utils (such as utils.warps.AUGMENTATION), that the
+default does not use (LEVERS). Each run gets the same --short flags and --seed; the runs go one after the
+other, and the table gives each one's best validation and test accuracy (the test photo and its mirror, and
+the photo alone) and seconds from start. A run already finished in --out is read, not trained again.
+"""
+
+import argparse
+import importlib
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from utils.backend import cpu_model  # noqa: E402
+from utils.config import DATA_DIR  # noqa: E402
+
+# name: (train.py flags, {utils setting: value})
+LEVERS = {
+    "default": ([], {}),
+    "alternate-flips": ([], {"utils.warps.AUGMENTATION[horizontal_flip]": "alternate"}),
+    "no-ema": (["--ema", "0"], {}),
+    "no-label-smoothing": (["--label-smoothing", "0"], {}),
+    "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
+    "no-cutmix": (["--cutmix", "0"], {}),
+}
+
+
+def apply(setting, value):
+    """Set `module.NAME` or `module.NAME[key]` to value, before train.py runs."""
+    target, _, key = setting.rstrip("]").partition("[")
+    module, name = target.rsplit(".", 1)
+    owner = importlib.import_module(module)
+    if key:
+        getattr(owner, name)[key] = value
+    else:
+        setattr(owner, name, value)
+
+
+def run_lever(name, flags, data, out, seed):
+    """metrics.json of train.py with the lever, in a process of its own (it trains once; later calls read it)."""
+    if not (out / "metrics.json").exists():
+        command = [sys.executable, __file__, "--train", name, "--", "--data", str(data), "--out", str(out)]
+        subprocess.run([*command, "--seed", str(seed), *LEVERS[name][0], *flags], check=True, cwd=ROOT)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main():
+    if sys.argv[1:2] == ["--train"]:  # one run: the lever's settings, then train.py with the rest of argv
+        name, rest = sys.argv[2], sys.argv[sys.argv.index("--") + 1 :]
+        for setting, value in LEVERS[name][1].items():
+            apply(setting, value)
+        sys.argv = [str(ROOT / "train.py"), *rest]
+        return runpy.run_path(sys.argv[0], run_name="__main__")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("levers", nargs="+", choices=LEVERS, help="the runs to compare, in order")
+    p.add_argument("--data", type=Path, default=DATA_DIR, help="the split (default: %(default)s)")
+    runs = ROOT / "runs" / "levers"
+    p.add_argument("--out", type=Path, default=runs, help="a folder per split and run (default: %(default)s)")
+    p.add_argument("--short", default="--image-size 64 --epochs 5 --progressive 0", help="flags every run gets")
+    p.add_argument("--seed", type=int, default=42, help="every run's seed (default: %(default)s)")
+    args = p.parse_args()
+    print(f"CPU: {cpu_model()}; every run: {args.short} --seed {args.seed} --data {args.data}", flush=True)
+    print("| lever | best val | test (mirror) | test (one view) | seconds |\n|---|---|---|---|---|")
+    for name in args.levers:
+        m = run_lever(name, args.short.split(), args.data, args.out / args.data.name / name, args.seed)
+        print(
+            f"| {name} {' '.join(LEVERS[name][0]) or ''} {LEVERS[name][1] or ''} | {m['best_val_accuracy']:.2%} "
+            f"| {m['test_accuracy']:.2%} | {m['test_accuracy_plain']:.2%} | {m['train_seconds']:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Test-time views of a trained model: the photo, its mirror, and both shifted, on the val and test splits.
+
+    python benchmarks/tta_views.py models/cats_vs_dogs.tflite data/processed
+    python benchmarks/tta_views.py models/flowers/model.tflite data/flowers
+
+predict.py averages each photo with its mirror (utils.evaluate.MIRROR_TTA). airbench also averages views
+shifted by a few pixels (the image padded by reflection, then cropped): this prints the accuracy and loss of
+each combination of views, so that a view enters predict.py only when it helps on validation.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.backend import cpu_model  # noqa: E402
+from utils.evaluate import accuracy, as_class_probabilities, log_loss  # noqa: E402
+from utils.images import load_images, read_split  # noqa: E402
+from utils.runtime import load_model  # noqa: E402
+
+SHIFTS = (4, 8)  # pixels, down and right and then up and left
+COMBINATIONS = {  # name: {view: weight}; view "+4_m" is the photo shifted by 4 px, then mirrored
+    "one view": {"0": 1},
+    "mirror (2 views, the default)": {"0": 1, "0_m": 1},
+    **{
+        f"mirror and shifts of {d} px (6 views{', airbench weights' if w == 2 else ''})": {
+            "0": w,
+            "0_m": w,
+            f"+{d}": 1,
+            f"+{d}_m": 1,
+            f"-{d}": 1,
+            f"-{d}_m": 1,
+        }
+        for d in SHIFTS
+        for w in (1, 2)
+    },
+}
+
+
+def shifted(images, d):
+    """Each image seen from d pixels further down and right (d < 0: up and left): pixel (r, c) shows (r + d,
+    c + d), and where that is outside the image, its reflection about the edge."""
+    p, side = abs(d), images.shape[1]
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+    return padded[:, p + d : p + d + side, p + d : p + d + side]
+
+
+def view_probabilities(run, images):
+    """{view: N x classes probabilities} of every view of COMBINATIONS, 64 images a call."""
+    views = {}
+    for d in (0, *SHIFTS, *(-s for s in SHIFTS)):
+        moved = shifted(images, d) if d else images
+        for mirror in (False, True):
+            x = moved[:, :, ::-1] if mirror else moved
+            name = f"{d:+d}" if d else "0"
+            views[name + ("_m" if mirror else "")] = np.concatenate(
+                [as_class_probabilities(run(np.ascontiguousarray(x[i : i + 64]))) for i in range(0, len(x), 64)]
+            )
+    return views
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="a .keras or .tflite file of train.py")
+    p.add_argument("data", type=Path, help="the split it was trained on")
+    args = p.parse_args()
+    _, splits = read_split(args.data)
+    model = load_model(args.model)
+    print(f"CPU: {cpu_model()}; {args.model} on {args.data} at {model.size} px")
+    print("| views | val accuracy | val loss | test accuracy | test loss |\n|---|---|---|---|---|")
+    scores = {name: [] for name in COMBINATIONS}
+    for paths, labels in splits[1:]:
+        views, labels = view_probabilities(model.run, load_images(paths, model.size)), np.asarray(labels)
+        for name, weights in COMBINATIONS.items():
+            prob = sum(w * views[v] for v, w in weights.items()) / sum(weights.values())
+            scores[name] += [f"{accuracy(prob, labels):.2%}", f"{log_loss(prob, labels):.4f}"]
+    for name, row in scores.items():
+        print(f"| {name} | {' | '.join(row)} |")
+
+
+if __name__ == "__main__":
+    main()
