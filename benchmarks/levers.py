@@ -68,12 +68,14 @@ def main():
     p.add_argument("--seed", type=int, default=42, help="every run's seed (default: %(default)s)")
     args = p.parse_args()
     print(f"CPU: {cpu_model()}; every run: {args.short} --seed {args.seed} --data {args.data}", flush=True)
-    print("| lever | best val | test (mirror) | test (one view) | seconds |\n|---|---|---|---|---|")
+    print("| lever | change | best val | test (mirror) | test (one view) | seconds |\n|---|---|---|---|---|---|")
     for name in args.levers:
         m = run_lever(name, args.short.split(), args.data, args.out / args.data.name / name, args.seed)
+        flags, settings = LEVERS[name]
+        change = " ".join(flags) or ", ".join(f"{k} = {v!r}" for k, v in settings.items()) or "none"
         print(
-            f"| {name} {' '.join(LEVERS[name][0]) or ''} {LEVERS[name][1] or ''} | {m['best_val_accuracy']:.2%} "
-            f"| {m['test_accuracy']:.2%} | {m['test_accuracy_plain']:.2%} | {m['train_seconds']:.0f} |",
+            f"| {name} | `{change}` | {m['best_val_accuracy']:.2%} | {m['test_accuracy']:.2%} "
+            f"| {m['test_accuracy_plain']:.2%} | {m['train_seconds']:.0f} |",
             flush=True,
         )
 
