@@ -30,6 +30,7 @@ LEVERS = {
     "no-label-smoothing": (["--label-smoothing", "0"], {}),
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
+    "learning-rate-x2": (["--learning-rate", "0.004"], {}),
 }
 
 
