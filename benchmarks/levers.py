@@ -65,7 +65,8 @@ def main():
     p.add_argument("--data", type=Path, default=DATA_DIR, help="the split (default: %(default)s)")
     runs = ROOT / "runs" / "levers"
     p.add_argument("--out", type=Path, default=runs, help="a folder per split and run (default: %(default)s)")
-    p.add_argument("--short", default="--image-size 64 --epochs 5 --progressive 0", help="flags every run gets")
+    short = "--image-size 64 --epochs 5 --progressive 0"
+    p.add_argument("--short", default=short, help="flags every run gets (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="every run's seed (default: %(default)s)")
     args = p.parse_args()
     print(f"CPU: {cpu_model()}; every run: {args.short} --seed {args.seed} --data {args.data}", flush=True)

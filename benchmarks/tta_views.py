@@ -49,17 +49,23 @@ def shifted(images, d):
     return padded[:, p + d : p + d + side, p + d : p + d + side]
 
 
+def in_chunks(run):
+    """run(images) for any number of images, 64 a call (a model's batch, within memory)."""
+    return lambda images: np.concatenate(
+        [run(np.ascontiguousarray(images[i : i + 64])) for i in range(0, len(images), 64)]
+    )
+
+
 def view_probabilities(run, images):
-    """{view: N x classes probabilities} of every view of COMBINATIONS, 64 images a call."""
+    """{view: N x classes probabilities} of every view of COMBINATIONS."""
+    run = in_chunks(run)
     views = {}
     for d in (0, *SHIFTS, *(-s for s in SHIFTS)):
         moved = shifted(images, d) if d else images
         for mirror in (False, True):
             x = moved[:, :, ::-1] if mirror else moved
             name = f"{d:+d}" if d else "0"
-            views[name + ("_m" if mirror else "")] = np.concatenate(
-                [as_class_probabilities(run(np.ascontiguousarray(x[i : i + 64]))) for i in range(0, len(x), 64)]
-            )
+            views[name + ("_m" if mirror else "")] = as_class_probabilities(run(x))
     return views
 
 
@@ -81,11 +87,11 @@ def at_any_size(path):
 def by_size(path, splits, sizes):
     """Rows of the photo and its mirror (plain_and_mirrored) at each size, on the val and test splits."""
     images = {s: [load_images(paths, s) for paths, _ in splits[1:]] for s in sizes}  # before TensorFlow starts
-    run = at_any_size(path)
+    run = in_chunks(at_any_size(path))
     for s in sizes:
         row = []
         for x, (_, labels) in zip(images[s], splits[1:], strict=True):
-            both = np.concatenate([plain_and_mirrored(run, x[i : i + 64])[1] for i in range(0, len(x), 64)])
+            both = plain_and_mirrored(run, x)[1]
             row += [f"{accuracy(both, np.asarray(labels)):.2%}", f"{log_loss(both, np.asarray(labels)):.4f}"]
         print(f"| mirror (2 views) at {s} px | {' | '.join(row)} |", flush=True)
 
