@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from utils.config import DATA_DIR, MAX_FILE_BYTES, MICROSOFT_URL, SPLITS
-from utils.files import DiskFull, Progress, UserError, check_space, exclusive, fail, is_disk_full, write_json
+from utils.files import DiskFull, Progress, UserError, check_space, exclusive, exit_with, fail, is_disk_full, write_json
 from utils.sources import clean, find_duplicates, hash_file, read_source
 
 REPORT_VERSION = 2  # 2: classes listed in the report
@@ -85,7 +85,7 @@ def prepare(args):
         return done
     check_space(args.out.parent, estimated_output(files, args.limit, args.max_side))
     started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=exit_with, initargs=(os.getpid(),)) as pool:
         # 2. duplicates: later copies, and pictures found under two classes
         dropped = deduplicate(pool, files)
         # 3. decode each class's files in a seeded order until --limit are kept

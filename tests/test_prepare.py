@@ -1,11 +1,13 @@
 """prepare_data.py: cleaning, duplicates, the split and its report, downloads, re-runs."""
 
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -140,6 +142,16 @@ def test_second_run_does_nothing_and_new_flags_replace_the_split(many, tmp_path)
     assert not list(tmp_path.glob(".out.*")), "temporary folders were left behind"
 
 
+def processes_naming(path):
+    """PIDs of the processes whose command line names path (Linux's /proc; none elsewhere)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(path).encode() in cmdline.read_bytes().split(b"\0"):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
 def test_kill_9_at_any_point_leaves_the_old_split_or_the_new_one(many, tmp_path):
     out = tmp_path / "out"
     assert run("prepare_data.py", "--source", many, "--out", out, "--limit", "10").returncode == 0
@@ -159,6 +171,11 @@ def test_kill_9_at_any_point_leaves_the_old_split_or_the_new_one(many, tmp_path)
             new = new or now
             assert now == new, f"killed after {delay} s: a split that is neither the old nor the new one"
             assert sum(1 for name in now if name.endswith(".jpg")) == 40
+    # the killed runs' decoding workers end too, instead of waiting for work forever
+    deadline = time.monotonic() + 10
+    while processes_naming(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_naming(out), "worker processes of the killed runs live on"
     # the next run takes over a killed run's lock file, and removes it when it ends
     assert run("prepare_data.py", "--source", many, "--out", out, "--limit", "20").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "leftovers of killed runs remain"

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -93,6 +94,19 @@ def atomic_write(path, write, need=0, staged=False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def exit_with(parent):
+    """Run in a worker process: end it when process `parent` ends. A pool's workers wait for work on
+    a pipe they hold both ends of, so a parent killed with SIGKILL would leave them waiting forever."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager
