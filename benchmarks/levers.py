@@ -31,6 +31,10 @@ LEVERS = {
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
+    **{
+        f"sgd-nesterov-{rate}": (["--learning-rate", rate], {"utils.model.OPTIMIZER[name]": "sgd-nesterov"})
+        for rate in ("0.02", "0.05", "0.1")
+    },
 }
 
 
@@ -74,7 +78,7 @@ def main():
     for name in args.levers:
         m = run_lever(name, args.short.split(), args.data, args.out / args.data.name / name, args.seed)
         flags, settings = LEVERS[name]
-        change = " ".join(flags) or ", ".join(f"{k} = {v!r}" for k, v in settings.items()) or "none"
+        change = " ".join([*flags, *(f"{k} = {v!r}" for k, v in settings.items())]) or "none"
         print(
             f"| {name} | `{change}` | {m['best_val_accuracy']:.2%} | {m['test_accuracy']:.2%} "
             f"| {m['test_accuracy_plain']:.2%} | {m['train_seconds']:.0f} |",

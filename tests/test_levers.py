@@ -1,6 +1,7 @@
 """The speedrun's measuring tools: benchmarks/levers.py sets each lever as train.py will read it, and
 benchmarks/tta_views.py shifts photos by whole pixels, filling the edge by reflection."""
 
+import importlib
 import sys
 
 import numpy as np
@@ -21,12 +22,31 @@ def test_every_lever_is_train_py_flags_or_a_utils_setting_it_reads(monkeypatch):
         train.parse_args(["--data", "x", *flags])  # exits on a flag train.py does not have
         for setting in settings:
             assert setting.startswith("utils."), f"{name}: {setting} is not a setting of utils"
+            target, _, key = setting.rstrip("]").partition("[")
+            module, attribute = target.rsplit(".", 1)
+            value = getattr(importlib.import_module(module), attribute)  # raises on a setting utils lacks
+            assert not key or key in value, f"{name}: {setting} names a key {target} does not have"
     monkeypatch.setitem(utils.warps.AUGMENTATION, "horizontal_flip", True)
     levers.apply("utils.warps.AUGMENTATION[horizontal_flip]", "alternate")
     assert utils.warps.AUGMENTATION["horizontal_flip"] == "alternate"
     monkeypatch.setattr(utils.warps, "AUGMENTATION", utils.warps.AUGMENTATION)
     levers.apply("utils.warps.AUGMENTATION", {"horizontal_flip": False})
     assert utils.warps.AUGMENTATION == {"horizontal_flip": False}
+
+
+def test_the_sgd_lever_compiles_nesterov_sgd_and_the_default_rmsprop(monkeypatch):
+    import levers
+
+    import utils.model
+
+    monkeypatch.setattr(utils.model, "OPTIMIZER", dict(utils.model.OPTIMIZER))
+    compile_at = dict(image_size=32, steps=4, width=0.25, bn_momentum=0.9, epochs=2, learning_rate=0.05)
+    compile_at.update(warmup_steps=2, label_smoothing=0.0, ema=0.99)
+    assert type(utils.model.compile_model(("a", "b"), **compile_at).optimizer).__name__ == "RMSprop"
+    levers.apply("utils.model.OPTIMIZER[name]", "sgd-nesterov")
+    optimizer = utils.model.compile_model(("a", "b"), **compile_at).optimizer
+    assert type(optimizer).__name__ == "SGD" and optimizer.nesterov and optimizer.momentum == 0.9
+    assert optimizer.weight_decay == utils.model.OPTIMIZER["weight_decay"] and optimizer.use_ema
 
 
 @pytest.mark.parametrize("d", [3, -3])

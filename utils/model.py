@@ -6,6 +6,10 @@ import zipfile
 from utils.backend import backend, import_keras
 from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES, MODEL_FILE, OTHER_MODEL_STEM, WIDTHS
 
+# The optimizer: RMSprop, or "sgd-nesterov" (momentum 0.9, decoupled weight decay), which
+# benchmarks/levers.py compares against it; both follow train.py's learning-rate schedule.
+OPTIMIZER = dict(name="rmsprop", momentum=0.9, weight_decay=5e-4)
+
 
 def build_model(
     image_size=IMAGE_SIZE,
@@ -125,10 +129,19 @@ def widths(multiplier):
     return tuple(max(8, round(w * multiplier)) for w in WIDTHS)
 
 
+def make_optimizer(keras, schedule, ema):
+    """OPTIMIZER's optimizer at the learning rates of schedule, averaging the weights with momentum ema (0: not)."""
+    averaging = dict(use_ema=ema > 0, ema_momentum=ema or 0.99)
+    if OPTIMIZER["name"] == "sgd-nesterov":
+        momentum, decay = OPTIMIZER["momentum"], OPTIMIZER["weight_decay"]
+        return keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True, weight_decay=decay, **averaging)
+    return keras.optimizers.RMSprop(schedule, **averaging)
+
+
 def compile_model(
     class_names, image_size, steps, width, bn_momentum, epochs, learning_rate, warmup_steps, label_smoothing, ema
 ):
-    """The trainable model (image_size None: any size), compiled for `epochs` of `steps`: RMSprop warmed up
+    """The trainable model (image_size None: any size), compiled for `epochs` of `steps`: OPTIMIZER warmed up
     to learning_rate, then decayed along a cosine; the loss with label_smoothing; ema: the momentum of the
     weights' moving average (0: none)."""
     keras = import_keras()
@@ -139,7 +152,7 @@ def compile_model(
     model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum)
     loss = keras.losses.BinaryCrossentropy if len(class_names) == 2 else keras.losses.CategoricalCrossentropy
     model.compile(
-        optimizer=keras.optimizers.RMSprop(schedule, use_ema=ema > 0, ema_momentum=ema or 0.99),
+        optimizer=make_optimizer(keras, schedule, ema),
         loss=loss(label_smoothing=label_smoothing),
         metrics=["accuracy"],
         jit_compile=backend() != "tensorflow",  # JAX always compiles with XLA; TensorFlow's CPU kernels are faster
