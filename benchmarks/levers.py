@@ -31,6 +31,7 @@ LEVERS = {
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
+    "dirac-init": ([], {"utils.model.DIRAC_INIT": True}),
     **{
         f"sgd-nesterov-{rate}": (["--learning-rate", rate], {"utils.model.OPTIMIZER[name]": "sgd-nesterov"})
         for rate in ("0.02", "0.05", "0.1")

@@ -49,6 +49,20 @@ def test_the_sgd_lever_compiles_nesterov_sgd_and_the_default_rmsprop(monkeypatch
     assert optimizer.weight_decay == utils.model.OPTIMIZER["weight_decay"] and optimizer.use_ema
 
 
+def test_dirac_init_passes_the_first_channels_through_each_block_convolution():
+    from utils.model import build_model, dirac_init
+
+    model = build_model(32, ("a", "b"), widths=(8, 16, 16, 16))
+    dirac_init(model)
+    conv = model.get_layer("block2_conv1")  # 8 channels in, 16 filters out
+    images = np.random.default_rng(0).normal(size=(1, 4, 4, 8)).astype("float32")
+    out = np.asarray(conv(images))
+    assert np.allclose(out[..., :8], images, atol=1e-6), "the first 8 filters are not the identity"
+    assert not np.allclose(out[..., 8:], 0), "the other filters lost their random start"
+    stem = model.get_layer("stem_conv").get_weights()[0]
+    assert np.count_nonzero(stem) == stem.size, "the stem is not a block convolution"
+
+
 @pytest.mark.parametrize("d", [3, -3])
 def test_tta_views_shift_by_whole_pixels_and_reflect_the_edge(d):
     from tta_views import shifted

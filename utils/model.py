@@ -9,6 +9,7 @@ from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES
 # The optimizer: RMSprop, or "sgd-nesterov" (momentum 0.9, decoupled weight decay), which
 # benchmarks/levers.py compares against it; both follow train.py's learning-rate schedule.
 OPTIMIZER = dict(name="rmsprop", momentum=0.9, weight_decay=5e-4)
+DIRAC_INIT = False  # airbench's identity start for the blocks' convolutions (see dirac_init); off by default
 
 
 def build_model(
@@ -129,6 +130,19 @@ def widths(multiplier):
     return tuple(max(8, round(w * multiplier)) for w in WIDTHS)
 
 
+def dirac_init(model):
+    """Start each block convolution as the identity on its first filters (airbench's "dirac" init): filter k
+    passes input channel k through its centre tap, for k below the smaller of the two channel counts."""
+    for layer in model.layers:
+        if layer.name.startswith("block") and "_conv" in layer.name:
+            kernel = layer.get_weights()[0]
+            rows, cols, channels_in, channels_out = kernel.shape
+            n = min(channels_in, channels_out)
+            kernel[..., :n] = 0
+            kernel[rows // 2, cols // 2, range(n), range(n)] = 1
+            layer.set_weights([kernel])
+
+
 def make_optimizer(keras, schedule, ema):
     """OPTIMIZER's optimizer at the learning rates of schedule, averaging the weights with momentum ema (0: not)."""
     averaging = dict(use_ema=ema > 0, ema_momentum=ema or 0.99)
@@ -150,6 +164,8 @@ def compile_model(
         0.0, decay_steps=max(1, epochs * steps - warmup), warmup_target=learning_rate, warmup_steps=warmup
     )
     model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum)
+    if DIRAC_INIT:
+        dirac_init(model)
     loss = keras.losses.BinaryCrossentropy if len(class_names) == 2 else keras.losses.CategoricalCrossentropy
     model.compile(
         optimizer=make_optimizer(keras, schedule, ema),
