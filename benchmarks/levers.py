@@ -32,6 +32,7 @@ LEVERS = {
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
     "dirac-init": ([], {"utils.model.DIRAC_INIT": True}),
+    "muon": ([], {"utils.model.OPTIMIZER[name]": "muon"}),
     **{
         f"sgd-nesterov-{rate}": (["--learning-rate", rate], {"utils.model.OPTIMIZER[name]": "sgd-nesterov"})
         for rate in ("0.02", "0.05", "0.1")

@@ -34,7 +34,7 @@ def test_every_lever_is_train_py_flags_or_a_utils_setting_it_reads(monkeypatch):
     assert utils.warps.AUGMENTATION == {"horizontal_flip": False}
 
 
-def test_the_sgd_lever_compiles_nesterov_sgd_and_the_default_rmsprop(monkeypatch):
+def test_the_optimizer_levers_compile_sgd_and_muon_and_the_default_rmsprop(monkeypatch):
     import levers
 
     import utils.model
@@ -47,6 +47,17 @@ def test_the_sgd_lever_compiles_nesterov_sgd_and_the_default_rmsprop(monkeypatch
     optimizer = utils.model.compile_model(("a", "b"), **compile_at).optimizer
     assert type(optimizer).__name__ == "SGD" and optimizer.nesterov and optimizer.momentum == 0.9
     assert optimizer.weight_decay == utils.model.OPTIMIZER["weight_decay"] and optimizer.use_ema
+    levers.apply("utils.model.OPTIMIZER[name]", "muon")
+    model = utils.model.compile_model(("a", "b"), **compile_at)
+    model.optimizer.build(model.trainable_variables)
+    muon_step = [w.path for w in model.trainable_variables if not model.optimizer._should_use_adamw(w)]
+    kernels = [w.path for w in model.trainable_variables if w.path.endswith("/kernel")]
+    assert muon_step == kernels and len(kernels) == 10, "Muon's step is not on the 9 convolutions and the classifier"
+    before = [np.array(w) for w in model.trainable_variables]
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype("float32")
+    model.fit(images, np.array([0, 1] * 4, "float32"), batch_size=4, epochs=1, verbose=0)  # Muon's step on 4-D kernels
+    moved = [not np.array_equal(np.array(w), b) for w, b in zip(model.trainable_variables, before, strict=True)]
+    assert set(kernels) <= {w.path for w, m in zip(model.trainable_variables, moved, strict=True) if m}
 
 
 def test_dirac_init_passes_the_first_channels_through_each_block_convolution():

@@ -6,8 +6,9 @@ import zipfile
 from utils.backend import backend, import_keras
 from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES, MODEL_FILE, OTHER_MODEL_STEM, WIDTHS
 
-# The optimizer: RMSprop, or "sgd-nesterov" (momentum 0.9, decoupled weight decay), which
-# benchmarks/levers.py compares against it; both follow train.py's learning-rate schedule.
+# The optimizer: RMSprop, "sgd-nesterov" (momentum 0.9, decoupled weight decay) or "muon" (Muon's step
+# for the convolution kernels too), which benchmarks/levers.py compares against it; all follow
+# train.py's learning-rate schedule.
 OPTIMIZER = dict(name="rmsprop", momentum=0.9, weight_decay=5e-4)
 DIRAC_INIT = False  # airbench's identity start for the blocks' convolutions (see dirac_init); off by default
 
@@ -143,12 +144,35 @@ def dirac_init(model):
             layer.set_weights([kernel])
 
 
+@functools.cache
+def conv_muon():
+    """keras.optimizers.Muon, which gives Muon's step only to 2-D kernels (here the classifier's), with
+    it for the 4-D convolution kernels as well: each flattened to (rows x cols x inputs, filters)."""
+    keras = import_keras()
+    ops = keras.ops
+
+    class ConvMuon(keras.optimizers.Muon):
+        def _should_use_adamw(self, variable):
+            return len(variable.shape) != 4 and super()._should_use_adamw(variable)
+
+        def _muon_update_step(self, gradient, variable, lr, m):
+            shape = variable.shape
+            self.assign_add(m, ops.add(gradient, m * (self.momentum - 1)))
+            g = ops.add(gradient, self.momentum * m) if self.nesterov else m
+            update = self.zeropower_via_newtonschulz5(ops.reshape(g, (-1, shape[-1])), self.ns_steps)
+            self.assign_sub(variable, ops.reshape(self.lr_adjust(lr * update), shape))
+
+    return ConvMuon
+
+
 def make_optimizer(keras, schedule, ema):
     """OPTIMIZER's optimizer at the learning rates of schedule, averaging the weights with momentum ema (0: not)."""
     averaging = dict(use_ema=ema > 0, ema_momentum=ema or 0.99)
     if OPTIMIZER["name"] == "sgd-nesterov":
         momentum, decay = OPTIMIZER["momentum"], OPTIMIZER["weight_decay"]
         return keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True, weight_decay=decay, **averaging)
+    if OPTIMIZER["name"] == "muon":
+        return conv_muon()(schedule, **averaging)
     return keras.optimizers.RMSprop(schedule, **averaging)
 
 
