@@ -35,7 +35,7 @@ LEVERS = {
     "muon": ([], {"utils.model.OPTIMIZER[name]": "muon"}),
     **{
         f"sgd-nesterov-{rate}": (["--learning-rate", rate], {"utils.model.OPTIMIZER[name]": "sgd-nesterov"})
-        for rate in ("0.02", "0.05", "0.1")
+        for rate in ("0.02", "0.05", "0.1", "0.2")
     },
 }
 
