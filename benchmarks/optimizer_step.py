@@ -1,0 +1,74 @@
+"""Milliseconds per training step of the CNN under each optimizer benchmarks/levers.py compares, and
+of the optimizer's update alone (random gradients, in a tf.function), timed in turn in one process.
+
+    python benchmarks/optimizer_step.py --steps 20 --rounds 3
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import utils.model  # noqa: E402
+from utils.backend import cpu_model  # noqa: E402
+
+OPTIMIZERS = ("rmsprop", "muon", "sgd-nesterov")
+
+
+def compiled(name, image_size, steps):
+    """The default CNN compiled with optimizer `name` for one epoch of `steps`."""
+    utils.model.OPTIMIZER["name"] = name
+    hyper = dict(width=1.0, bn_momentum=0.99, epochs=1, learning_rate=2e-3, warmup_steps=1, label_smoothing=0.05)
+    return utils.model.compile_model(("cat", "dog"), image_size, steps, ema=0.99, **hyper)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=64, help="pixels per side (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=40, help="steps timed per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of all optimizers in turn (default: %(default)s)")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch_size * args.steps, args.image_size, args.image_size, 3), "uint8")
+    labels = rng.integers(0, 2, len(images)).astype("float32")
+    models = {name: compiled(name, args.image_size, args.steps) for name in OPTIMIZERS}
+    for model in models.values():  # the first epoch traces the step: not timed
+        model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
+    seconds = {name: [] for name in OPTIMIZERS}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
+            seconds[name].append((time.perf_counter() - start) / args.steps)
+    size, batch, steps, rounds = args.image_size, args.batch_size, args.steps, args.rounds
+    print(f"CPU: {cpu_model()}; {size} px, batch {batch}, {steps} steps, {rounds} rounds")
+    for name, model in models.items():
+        step, update = statistics.median(seconds[name]), update_seconds(model, args.rounds)
+        print(f"{name:13s} median {step * 1000:6.1f} ms a step, {update * 1000:5.1f} ms of it the update")
+
+
+def update_seconds(model, rounds, calls=20):
+    """Median seconds of one optimizer update of all trainable weights, with random gradients."""
+    import tensorflow as tf
+
+    weights = model.trainable_variables
+    rng = np.random.default_rng(0)
+    gradients = [tf.constant(rng.normal(size=w.shape).astype("float32")) for w in weights]
+    update = tf.function(lambda: model.optimizer.apply(gradients, weights))
+    update()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            update()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    main()
