@@ -47,6 +47,9 @@ def test_the_optimizer_levers_compile_sgd_and_muon_and_the_default_rmsprop(monke
     optimizer = utils.model.compile_model(("a", "b"), **compile_at).optimizer
     assert type(optimizer).__name__ == "SGD" and optimizer.nesterov and optimizer.momentum == 0.9
     assert optimizer.weight_decay == utils.model.OPTIMIZER["weight_decay"] and optimizer.use_ema
+    levers.apply("utils.model.OPTIMIZER[name]", "sgd-nestorov")  # a misspelt name is not RMSprop in disguise
+    with pytest.raises(ValueError, match="no optimizer named 'sgd-nestorov'"):
+        utils.model.compile_model(("a", "b"), **compile_at)
     levers.apply("utils.model.OPTIMIZER[name]", "muon")
     model = utils.model.compile_model(("a", "b"), **compile_at)
     model.optimizer.build(model.trainable_variables)

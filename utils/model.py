@@ -173,7 +173,9 @@ def make_optimizer(keras, schedule, ema):
         return keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True, weight_decay=decay, **averaging)
     if OPTIMIZER["name"] == "muon":
         return conv_muon()(schedule, **averaging)
-    return keras.optimizers.RMSprop(schedule, **averaging)
+    if OPTIMIZER["name"] == "rmsprop":
+        return keras.optimizers.RMSprop(schedule, **averaging)
+    raise ValueError(f"utils.model.OPTIMIZER: no optimizer named {OPTIMIZER['name']!r}")
 
 
 def compile_model(
