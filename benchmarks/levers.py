@@ -33,6 +33,7 @@ LEVERS = {
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
     "dirac-init": ([], {"utils.model.DIRAC_INIT": True}),
     "muon": ([], {"utils.model.OPTIMIZER[name]": "muon"}),
+    "muon-dirac": ([], {"utils.model.OPTIMIZER[name]": "muon", "utils.model.DIRAC_INIT": True}),
     **{
         f"sgd-nesterov-{rate}": (["--learning-rate", rate], {"utils.model.OPTIMIZER[name]": "sgd-nesterov"})
         for rate in ("0.02", "0.05", "0.1", "0.2")
