@@ -63,6 +63,8 @@ def run_lever(name, flags, data, out, seed):
 def main():
     if sys.argv[1:2] == ["--train"]:  # one run: the lever's settings, then train.py with the rest of argv
         name, rest = sys.argv[2], sys.argv[sys.argv.index("--") + 1 :]
+        if name not in LEVERS:
+            sys.exit(f"levers.py: no lever {name!r}; the levers are: {', '.join(LEVERS)}")
         for setting, value in LEVERS[name][1].items():
             apply(setting, value)
         sys.argv = [str(ROOT / "train.py"), *rest]

@@ -4,13 +4,15 @@ epochs, on one machine, in one command.
     python benchmarks/time_to.py --data data/processed
     python benchmarks/time_to.py --target 0.96 --cap 1.0
     python benchmarks/time_to.py --variant "--batch-size 32" --variant "--learning-rate 4e-3"
+    python benchmarks/time_to.py --lever muon-dirac
 
 1. Runs one epoch of the notebook's pipeline (baseline.py: 150 px, its augmentation and CNN,
    batch 100) on the full split and takes 15 times its wall time: the baseline's 15 epochs.
 2. Runs `python train.py` with its defaults (then with each --variant's extra flags) and stops
    it (Ctrl-C) at the first epoch whose validation accuracy reaches --target, or once it has run
    --cap times the baseline's 15 epochs; the time counts from the process's start, data loading
-   included. Each run's per-epoch log is kept in --out.
+   included. Each --lever is a run of its own with that lever of benchmarks/levers.py (its LEVERS).
+   Each run's per-epoch log is kept in --out.
 Prints both, and the ratio that the goal bounds (GOALS: 0.125 for 90 %, 0.40 for 96 %). Nothing else
 should run on the machine meanwhile.
 """
@@ -40,11 +42,15 @@ def baseline_epoch(data, out):
     return json.loads((out / "history.json").read_text())["elapsed_seconds"][0]
 
 
-def default_to(target, data, out, limit, flags=()):
-    """Seconds from the start of `python train.py` to the end of the first epoch at >= target, and that epoch."""
+def default_to(target, data, out, limit, flags=(), lever=None):
+    """Seconds from the start of `python train.py` (with benchmarks/levers.py's `lever` if given) to the end of
+    the first epoch at >= target, and that epoch."""
+    train = [str(ROOT / "train.py")]
+    if lever:
+        train = [str(ROOT / "benchmarks" / "levers.py"), "--train", lever, "--"]
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--out", str(out), *flags],
+        [sys.executable, *train, "--data", str(data), "--out", str(out), *flags],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each epoch's line as soon as it is printed
         stdout=subprocess.PIPE,
@@ -65,7 +71,8 @@ def default_to(target, data, out, limit, flags=()):
         if val and time.perf_counter() - start > limit:
             break
     proc.send_signal(signal.SIGINT)
-    proc.wait()
+    if proc.wait() not in (0, 130) and not epoch:
+        sys.exit(f"time_to.py: {' '.join(proc.args[1:])} failed (exit {proc.returncode}); run it alone to see why")
     return None, epoch
 
 
@@ -76,6 +83,7 @@ def main():
     p.add_argument("--target", type=float, default=0.90, help="validation accuracy to reach (default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], help="extra train.py flags to time as well (repeatable)")
     p.add_argument("--skip-default", action="store_true", help="time only the variants")
+    p.add_argument("--lever", action="append", default=[], help="a lever of benchmarks/levers.py to time (repeatable)")
     p.add_argument("--baseline-seconds", type=float, help="one baseline epoch measured earlier on this machine")
     p.add_argument(
         "--cap", type=float, default=1.0, help="stop a run after this share of the baseline's 15 epochs (default: 1)"
@@ -85,10 +93,11 @@ def main():
     epoch = args.baseline_seconds or baseline_epoch(args.data, args.out / "baseline")
     goal = GOALS.get(round(args.target, 4))
     print(f"baseline: one epoch {epoch} s; 15 epochs {15 * epoch} s", flush=True)
-    runs = ([] if args.skip_default else [("default", [])]) + [(v, v.split()) for v in args.variant]
-    for i, (name, flags) in enumerate(runs):
+    runs = [] if args.skip_default else [("default", [], None)]
+    runs += [(v, v.split(), None) for v in args.variant] + [(lever, [], lever) for lever in args.lever]
+    for i, (name, flags, lever) in enumerate(runs):
         out = args.out / f"run{i}"
-        seconds, n = default_to(args.target, args.data, out, args.cap * 15 * epoch, flags)
+        seconds, n = default_to(args.target, args.data, out, args.cap * 15 * epoch, flags, lever)
         if seconds is None:
             print(f"{name}: no {args.target:.0%} by epoch {n} ({args.cap * 15 * epoch:.0f} s)", flush=True)
         else:
