@@ -82,7 +82,7 @@ def main():
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "time_to", help="scratch folder")
     p.add_argument("--target", type=float, default=0.90, help="validation accuracy to reach (default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], help="extra train.py flags to time as well (repeatable)")
-    p.add_argument("--skip-default", action="store_true", help="time only the variants")
+    p.add_argument("--skip-default", action="store_true", help="time only the variants and levers")
     p.add_argument("--lever", action="append", default=[], help="a lever of benchmarks/levers.py to time (repeatable)")
     p.add_argument("--baseline-seconds", type=float, help="one baseline epoch measured earlier on this machine")
     p.add_argument(
