@@ -9,8 +9,8 @@
 1. data:     the classes from the split's report.json; each split decoded once at --image-size (the same
              load_image that predict.py uses), into memory or, when it does not fit, into a cache on disk.
 2. devices:  one CPU or GPU, or several (--devices, --processes); bfloat16 or float16 where they compute it.
-3. model:    the CNN of utils.model.build_model; RMSprop warmed up, then decayed along a cosine; label
-             smoothing; a moving average of the weights.
+3. model:    the CNN of utils.model.build_model, its convolutions started as the identity; Muon warmed up,
+             then decayed along a cosine; label smoothing; a moving average of the weights.
 4. batches:  shuffled and augmented training batches (utils.augment: one random warp per image and CutMix);
              progressive resizing trains the early epochs on smaller, cheaper images.
 5. fit:      each epoch validated with the averaged weights; the best epoch kept; kill -9 safe (--resume).
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, help=f"passes over the training split {derived}")
     g.add_argument("--batch-size", type=int, default=64, help="images per training step (default: %(default)s)")
-    g.add_argument("--learning-rate", type=float, default=2e-3, help="RMSprop's peak rate (default: %(default)s)")
+    g.add_argument("--learning-rate", type=float, default=2e-3, help="the optimizer's peak rate (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, help=f"steps of the learning rate's linear warm-up {derived}")
     g.add_argument(
         "--label-smoothing", type=float, default=0.05, help="targets' share of uniform (default: %(default)s)"

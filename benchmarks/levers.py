@@ -22,20 +22,23 @@ sys.path.insert(0, str(ROOT))
 from utils.backend import cpu_model  # noqa: E402
 from utils.config import DATA_DIR  # noqa: E402
 
-# name: (train.py flags, {utils setting: value})
+# name: (train.py flags, {utils setting: value}). The levers of the optimizer set the start as well, as they
+# were measured (the default is "muon-dirac"); every other lever changes the default by one thing.
+OPTIMIZER, DIRAC = "utils.model.OPTIMIZER[name]", "utils.model.DIRAC_INIT"
 LEVERS = {
     "default": ([], {}),
+    "rmsprop": ([], {OPTIMIZER: "rmsprop", DIRAC: False}),  # the earlier default: RMSprop from a random start
     "alternate-flips": ([], {"utils.warps.AUGMENTATION[horizontal_flip]": "alternate"}),
     "no-ema": (["--ema", "0"], {}),
     "no-label-smoothing": (["--label-smoothing", "0"], {}),
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
-    "dirac-init": ([], {"utils.model.DIRAC_INIT": True}),
-    "muon": ([], {"utils.model.OPTIMIZER[name]": "muon"}),
-    "muon-dirac": ([], {"utils.model.OPTIMIZER[name]": "muon", "utils.model.DIRAC_INIT": True}),
+    "dirac-init": ([], {OPTIMIZER: "rmsprop", DIRAC: True}),
+    "muon": ([], {OPTIMIZER: "muon", DIRAC: False}),
+    "muon-dirac": ([], {OPTIMIZER: "muon", DIRAC: True}),
     **{
-        f"sgd-nesterov-{rate}": (["--learning-rate", rate], {"utils.model.OPTIMIZER[name]": "sgd-nesterov"})
+        f"sgd-nesterov-{rate}": (["--learning-rate", rate], {OPTIMIZER: "sgd-nesterov", DIRAC: False})
         for rate in ("0.02", "0.05", "0.1", "0.2")
     },
 }
@@ -53,10 +56,15 @@ def apply(setting, value):
 
 
 def run_lever(name, flags, data, out, seed):
-    """metrics.json of train.py with the lever, in a process of its own (it trains once; later calls read it)."""
+    """metrics.json of train.py with the lever, in a process of its own (it trains once; later calls read it,
+    unless the lever's definition changed since: then the run is refused, not read as the new one)."""
+    lever = json.loads(json.dumps(LEVERS[name]))
     if not (out / "metrics.json").exists():
         command = [sys.executable, __file__, "--train", name, "--", "--data", str(data), "--out", str(out)]
         subprocess.run([*command, "--seed", str(seed), *LEVERS[name][0], *flags], check=True, cwd=ROOT)
+        (out / "lever.json").write_text(json.dumps(lever))
+    if not (out / "lever.json").exists() or json.loads((out / "lever.json").read_text()) != lever:
+        sys.exit(f"levers.py: {out} holds a run of another definition of {name!r}; move it away or pass another --out")
     return json.loads((out / "metrics.json").read_text())
 
 

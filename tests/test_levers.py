@@ -34,15 +34,23 @@ def test_every_lever_is_train_py_flags_or_a_utils_setting_it_reads(monkeypatch):
     assert utils.warps.AUGMENTATION == {"horizontal_flip": False}
 
 
-def test_the_optimizer_levers_compile_sgd_and_muon_and_the_default_rmsprop(monkeypatch):
+def test_the_default_is_muon_from_the_identity_and_the_optimizer_levers_compile_rmsprop_and_sgd(monkeypatch):
     import levers
 
     import utils.model
 
     monkeypatch.setattr(utils.model, "OPTIMIZER", dict(utils.model.OPTIMIZER))
+    monkeypatch.setattr(utils.model, "DIRAC_INIT", utils.model.DIRAC_INIT)
     compile_at = dict(image_size=32, steps=4, width=0.25, bn_momentum=0.9, epochs=2, learning_rate=0.05)
     compile_at.update(warmup_steps=2, label_smoothing=0.0, ema=0.99)
-    assert type(utils.model.compile_model(("a", "b"), **compile_at).optimizer).__name__ == "RMSprop"
+    default = utils.model.compile_model(("a", "b"), **compile_at)
+    kernel = default.get_layer("block1_conv1").get_weights()[0]  # 8 filters at width 0.25
+    assert np.array_equal(kernel[1, 1, :8], np.eye(8)), "the default does not start the blocks as the identity"
+    for setting, value in levers.LEVERS["rmsprop"][1].items():
+        levers.apply(setting, value)
+    rmsprop = utils.model.compile_model(("a", "b"), **compile_at)
+    assert type(rmsprop.optimizer).__name__ == "RMSprop"
+    assert not np.array_equal(rmsprop.get_layer("block1_conv1").get_weights()[0][1, 1, :8], np.eye(8))
     levers.apply("utils.model.OPTIMIZER[name]", "sgd-nesterov")
     optimizer = utils.model.compile_model(("a", "b"), **compile_at).optimizer
     assert type(optimizer).__name__ == "SGD" and optimizer.nesterov and optimizer.momentum == 0.9
@@ -50,8 +58,7 @@ def test_the_optimizer_levers_compile_sgd_and_muon_and_the_default_rmsprop(monke
     levers.apply("utils.model.OPTIMIZER[name]", "sgd-nestorov")  # a misspelt name is not RMSprop in disguise
     with pytest.raises(ValueError, match="no optimizer named 'sgd-nestorov'"):
         utils.model.compile_model(("a", "b"), **compile_at)
-    levers.apply("utils.model.OPTIMIZER[name]", "muon")
-    model = utils.model.compile_model(("a", "b"), **compile_at)
+    model = default  # Muon, the default
     model.optimizer.build(model.trainable_variables)
     muon_step = [w.path for w in model.trainable_variables if not model.optimizer._should_use_adamw(w)]
     kernels = [w.path for w in model.trainable_variables if w.path.endswith("/kernel")]
@@ -63,6 +70,21 @@ def test_the_optimizer_levers_compile_sgd_and_muon_and_the_default_rmsprop(monke
         model.optimizer.apply(gradients, model.trainable_variables)  # Muon's step on 4-D kernels
     moved = [not np.array_equal(np.array(w), b) for w, b in zip(model.trainable_variables, before, strict=True)]
     assert set(kernels) <= {w.path for w, m in zip(model.trainable_variables, moved, strict=True) if m}
+
+
+def test_a_finished_lever_run_is_read_only_while_the_lever_means_what_it_meant(tmp_path):
+    import json
+
+    import levers
+
+    run = tmp_path / "flowers" / "default"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    (run / "lever.json").write_text(json.dumps(levers.LEVERS["default"]))
+    assert levers.run_lever("default", [], tmp_path / "flowers", run, 42) == {"test_accuracy": 0.5}
+    (run / "lever.json").write_text(json.dumps(levers.LEVERS["rmsprop"]))  # the default of an earlier version
+    with pytest.raises(SystemExit, match="another definition of 'default'"):
+        levers.run_lever("default", [], tmp_path / "flowers", run, 42)
 
 
 def test_dirac_init_passes_the_first_channels_through_each_block_convolution():
