@@ -143,7 +143,7 @@ def best_file(work):
 
 
 def state_bytes(model):
-    """Bytes of a weights file with the optimizer's state (the optimizer's moments and the EMA) beside the weights."""
+    """Bytes of a weights file with the optimizer's state (its moments and the EMA) beside the weights."""
     return 4 * model.count_params() * 4 + 1_000_000
 
 
