@@ -45,7 +45,7 @@ def test_two_devices_train_resume_after_kill_and_export(small_split, tmp_path):
     # the identity start (3 steps an epoch make later ones noisier still); a loss summed over the two devices
     # instead of averaged would be twice as large. The validation of the averaged weights must agree closely.
     one = json.loads((tmp_path / "one" / "history.json").read_text())
-    assert abs(one["loss"][0] - history["loss"][0]) < 0.3 * one["loss"][0]
+    assert abs(one["loss"][0] - history["loss"][0]) < 0.4 * one["loss"][0]
     for a, b in zip(one["val_loss"], history["val_loss"], strict=True):
         assert abs(a - b) < 0.05
     for a, b in zip(one["val_accuracy"], history["val_accuracy"], strict=True):
