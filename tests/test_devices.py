@@ -61,7 +61,6 @@ MUON_ON_TWO_DEVICES = """
 import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
 from utils.model import compile_model
 at = dict(image_size=32, steps=4, width=0.25, bn_momentum=0.9, epochs=2, learning_rate=0.05, warmup_steps=1)
 at.update(label_smoothing=0.0, ema=0.0)
