@@ -116,3 +116,23 @@ def test_tta_views_shift_by_whole_pixels_and_reflect_the_edge(d):
         assert np.array_equal(moved[:, 13, :13], images[:, 14, 3:])
     else:
         assert np.array_equal(moved[:, 2, 3:], images[:, 1, :13])
+
+
+def test_time_to_counts_the_exact_accuracy_not_the_rounded_progress_line(tmp_path, monkeypatch):
+    """2,206 of 2,298 photos is 95.997 %, which Keras prints as 0.9600: not yet 96 %."""
+    import time_to
+
+    fake = tmp_path / "train.py"  # prints and logs two epochs as train.py does, then waits for Ctrl-C
+    fake.write_text(
+        "import sys, time\nfrom pathlib import Path\n"
+        "log = Path(sys.argv[sys.argv.index('--out') + 1]) / '.run' / 'log.csv'\n"
+        "log.parent.mkdir(parents=True)\nlog.write_text('epoch,val_accuracy\\n')\n"
+        "for epoch, val in enumerate([2206 / 2298, 2225 / 2298]):\n"
+        "    with open(log, 'a') as f:\n        f.write(f'{epoch},{val!r}\\n')\n"
+        "    print(f'Epoch {epoch + 1}/30', flush=True)\n"
+        "    print(f'287/287 - 1s - val_accuracy: {val:.4f} - val_loss: 0.1', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(time_to, "ROOT", tmp_path)
+    seconds, epoch = time_to.default_to(0.96, tmp_path / "data", tmp_path / "run", limit=60)
+    assert epoch == 2 and seconds < 30
