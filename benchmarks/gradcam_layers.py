@@ -1,10 +1,13 @@
-"""Pointing game for Grad-CAM taken at other layers: which layer's map finds the animal?
+"""Pointing game for heat maps taken at other layers and by other methods: which finds the animal?
 
     python benchmarks/gradcam_layers.py models/cats_vs_dogs.keras --n 50
 
-Grad-CAM by gradients (tf.GradientTape, one pass, no mirror) at the last block's two convolutions and
-pool, and at the block before it, on pointing_game.py's grey canvases. A hit is a map whose peak (for the
-label the model chose) falls inside the pasted photo. Needs TensorFlow and a .keras file of train.py.
+Two methods, by gradients (tf.GradientTape, one pass, no mirror): Grad-CAM (each feature map weighted by
+its gradient's mean over places: what predict.py --explain draws, at the last block's first convolution)
+and LayerCAM (Jiang et al., 2021: each place's features weighted by that place's positive gradient), at
+the last block's two convolutions and pool and at the block before it, on pointing_game.py's grey
+canvases. A hit is a map whose peak (for the label the model chose) falls inside the pasted photo. Needs
+TensorFlow and a .keras file of train.py with two classes.
 """
 
 import argparse
@@ -22,7 +25,7 @@ from utils.model import class_names_layer  # noqa: E402
 
 
 def layer_maps(model, image, layers):
-    """{layer: Grad-CAM map for the chosen label of the sigmoid head} for one image (1 x s x s x 3)."""
+    """{(layer, method): map for the chosen label of the sigmoid head} for one image (1 x s x s x 3)."""
     import keras
     import tensorflow as tf
 
@@ -41,8 +44,9 @@ def layer_maps(model, image, layers):
     sign = 1.0 if float(logit[0]) > 0 else -1.0  # the map of the label chosen: dog's, or cat's (its negative)
     maps = {}
     for name in layers:
-        alpha = tf.reduce_mean(tape.gradient(logit, features[name]), axis=(1, 2))
-        maps[name] = sign * np.einsum("bhwk,bk->bhw", features[name].numpy(), alpha.numpy())[0]
+        a, g = features[name].numpy()[0], sign * tape.gradient(logit, features[name]).numpy()[0]
+        maps[name, "Grad-CAM"] = a @ g.mean(axis=(0, 1))
+        maps[name, "LayerCAM"] = (np.maximum(g, 0) * a).sum(axis=-1)
     return maps
 
 
@@ -58,14 +62,14 @@ def main():
     blocks = [layer.name[: -len("_relu1")] for layer in model.layers if layer.name.endswith("_relu1")]
     layers = [f"{blocks[-1]}_relu1", f"{blocks[-1]}_relu2", f"{blocks[-1]}_pool"]
     layers += [f"{blocks[-2]}_relu2", f"{blocks[-2]}_pool"]
-    size, score = model.input_shape[1], dict.fromkeys(layers, 0)
+    size, score = model.input_shape[1], {}
     for png, (x0, y0, x1, y1), side in canvases(SHARED_ZIP, args.n, seed=0, background="grey"):
-        for name, m in layer_maps(model, load_image(png, size)[None], layers).items():
+        for key, m in layer_maps(model, load_image(png, size)[None], layers).items():
             y, x = np.unravel_index(np.argmax(heat_map(m, size)), (size, size))
             cx, cy = (x + 0.5) * side / size, (y + 0.5) * side / size
-            score[name] += bool(x0 <= cx < x1 and y0 <= cy < y1)
-    for name in layers:
-        print(f"{args.model}: {name}: peak inside the photo on {score[name]}/{args.n} canvases")
+            score[key] = score.get(key, 0) + bool(x0 <= cx < x1 and y0 <= cy < y1)
+    for (name, method), hits in score.items():
+        print(f"{args.model}: {method} at {name}: peak inside the photo on {hits}/{args.n} canvases")
 
 
 if __name__ == "__main__":
