@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--explain",
         action="store_true",
-        help="show where the model looked for the label it chose (a Grad-CAM heat map over the photo): one JPEG "
+        help="show where the model looked for the label it chose (a LayerCAM heat map over the photo): one JPEG "
         'per image in --explain-dir, and over the --show grid; --json rows gain "explained" and "heat_peak"',
     )
     p.add_argument(

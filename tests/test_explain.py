@@ -17,31 +17,34 @@ EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def gradcam_by_gradients(model, images, output):
-    """Grad-CAM the textbook way: the gradient of one output's score (the logit) at the last block's first
-    convolution, averaged over places, weights that layer's maps."""
+def layercam_by_gradients(model, images, output):
+    """LayerCAM the textbook way: the gradient of one class's score (its logit; a sigmoid unit's first class
+    scores minus the logit) at the last block's input, its positive part weighting that input's maps place
+    by place."""
     import tensorflow as tf
 
     dense = model.layers[-2]
-    layer = [layer.name for layer in model.layers if layer.name.endswith("_relu1")][-1]
+    layer = [layer.name for layer in model.layers if layer.name.endswith("_pool")][-2]
     with tf.GradientTape() as tape:
         x = tf.constant(images, tf.float32)
         for step in model.layers[1:]:
             if step is dense:
-                score = (tf.matmul(x, dense.kernel) + dense.bias)[:, output]
+                logits = tf.matmul(x, dense.kernel) + dense.bias
+                score = logits[:, output] if logits.shape[1] > 1 else (2 * output - 1) * logits[:, 0]
                 break
             x = step(x, training=False)
             if step.name == layer:
                 tape.watch(x)
                 features = x
-    alpha = tf.reduce_mean(tape.gradient(score, features), axis=(1, 2))
-    return np.einsum("bhwk,bk->bhw", features.numpy(), alpha.numpy())
+    gradient = tf.nn.relu(tape.gradient(score, features))
+    return tf.reduce_sum(gradient * features, axis=-1).numpy()
 
 
 @pytest.mark.parametrize(("size", "classes"), [(64, 2), (120, 5)])
-def test_closed_form_maps_equal_gradcam_by_gradients(size, classes):
-    """The maps inside both model files are Grad-CAM exactly, for a sigmoid and a softmax head, and for a
-    size whose last block has an odd side (120 px: 7 x 7, whose last row and column the pool drops)."""
+def test_closed_form_maps_equal_layercam_by_gradients(size, classes):
+    """The maps inside both model files are LayerCAM of each photo's predicted class exactly, for a sigmoid
+    and a softmax head, and for a size whose last block has an odd side (120 px: 7 x 7, whose last row and
+    column the pool drops)."""
     from utils.explain import explaining_model
     from utils.model import build_model
 
@@ -51,14 +54,23 @@ def test_closed_form_maps_equal_gradcam_by_gradients(size, classes):
         if "_bn" in layer.name:
             gamma, beta, mean, var = layer.get_weights()
             layer.set_weights([rng.uniform(0.5, 2, gamma.shape), rng.normal(0, 0.3, beta.shape), mean, var * 3])
-    images = rng.integers(0, 256, (3, size, size, 3)).astype("float32")
+    images = rng.integers(0, 256, (6, size, size, 3)).astype("float32") * rng.uniform(0, 1, (6, 1, 1, 3))
+    dense = model.layers[-2]  # biases that split the photos between two classes at their median
+    out = np.log(np.asarray(model(images, training=False), dtype="float64"))
+    margin = out[:, 0] - np.log1p(-np.exp(out[:, 0])) if classes == 2 else out[:, 1] - out[:, 0]
+    bias = np.full(dense.bias.shape, -50.0) if classes > 2 else np.zeros(dense.bias.shape)
+    bias[:2] = (0, -np.median(margin)) if classes > 2 else -np.median(margin)
+    dense.bias.assign(bias)
     probs, maps = (np.asarray(t) for t in explaining_model(model)(images, training=False))
-    assert maps.shape == (3, (size // 16), (size // 16), 1 if classes == 2 else classes)
+    assert maps.shape == (6, (size // 16), (size // 16), classes)
     assert np.allclose(probs, np.asarray(model(images, training=False)), atol=1e-6)
-    for output in range(maps.shape[3]):
-        expected = gradcam_by_gradients(model, images, output)
+    top = np.argmax(np.concatenate([1 - probs, probs], axis=1) if classes == 2 else probs, axis=1)
+    assert len(set(top)) > 1, "the photos should not all pick one class: each photo's own class is the check"
+    for i, label in enumerate(top):  # the predicted class's map; the others are zeros
+        expected = layercam_by_gradients(model, images[i : i + 1], label)[0]
         assert np.abs(expected).max() > 1e-6, "a map of zeros would agree with anything"
-        assert np.abs(maps[..., output] - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert np.abs(maps[i, ..., label] - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert not np.delete(maps[i], label, axis=-1).any()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ model         the CNN, the class names it carries, its compiled training form
 backend       Keras's backend, precision by device, --devices and --processes
 fit           training that survives kill -9: validation, best epoch, log, backup, resume
 evaluate      the mirror-averaged prediction, accuracy, loss, per-class scores, metrics.json
-explain       Grad-CAM in closed form inside the model, and heat maps
+explain       LayerCAM in closed form inside the model, and heat maps
 export        the LiteRT copy of a model, with class names and heat maps inside
 runtime       a .keras or .tflite file loaded for prediction (LiteRT needs no TensorFlow)
 plots         figures and photo grids written as files

@@ -1,4 +1,4 @@
-"""Where the model looked: Grad-CAM in closed form inside the model, and heat maps drawn over photos."""
+"""Where the model looked: LayerCAM in closed form inside the model, and heat maps drawn over photos."""
 
 import functools
 
@@ -9,62 +9,68 @@ from utils.backend import import_keras
 from utils.evaluate import MIRROR_TTA, as_class_probabilities
 from utils.files import UserError
 
-# Where the model looked: Grad-CAM (Selvaraju et al., 2017) over the first convolution of the last
-# block, a 10 x 10 grid at 160 px. Grad-CAM weights each feature map by the spatial mean of the class
-# score's gradient; here that mean is computed in closed form from the layers after the features
-# (convolution, BatchNorm, ReLU, max pool, average, dense), so the same few matrix products run inside
-# the .keras model and inside the LiteRT file, with no gradient code and no TensorFlow at prediction.
-EXPLAIN_BLOCK = -1  # which block's first convolution (the last); benchmarks/pointing_game.py scores it
+# Where the model looked: LayerCAM (Jiang et al., 2021) at the input of the last block (the block
+# before it, after its max pool), a 10 x 10 grid at 160 px. LayerCAM weights each place's features by
+# that place's positive gradient of the class score. The gradient is written out in closed form from the
+# layers after the features (two convolutions with BatchNorm and ReLU, max pool, average, dense) as
+# forward operations, so the same graph runs inside the .keras model and inside the LiteRT file, with no
+# gradient code and no TensorFlow at prediction. It finds the animal more often than Grad-CAM at any
+# layer of these networks (benchmarks/gradcam_layers.py; benchmarks/pointing_game.py scores the result).
+
+
+def backward_kernel(conv, bn):
+    """The kernel that carries a gradient back through a 3 x 3 'same' convolution and its BatchNorm:
+    the convolution's, flipped in place, inputs and outputs swapped, each output scaled by BatchNorm."""
+    scale = np.asarray(bn.gamma) / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon)
+    kernel = np.asarray(conv.kernel, dtype="float64") * scale  # 3 x 3 x in x out
+    return np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2)).astype("float32")
 
 
 def explaining_model(model):
-    """model (from build_model) with a second output, every class's Grad-CAM map: batch x h x w x outputs,
-    the signed evidence for that output's score (one sigmoid unit: for the second class; the first's is
-    its negative). Equals Grad-CAM by gradients (tests/test_explain.py checks it to 1e-4)."""
+    """model (from build_model) with a second output, batch x h x w x classes: for each photo, the LayerCAM
+    map of the class it predicts, zeros for the others (one backward pass a photo, however many classes; a
+    sigmoid unit's two classes are the evidence against it and for it). Equals LayerCAM by gradients
+    (tests/test_explain.py checks it to 1e-4)."""
     keras = import_keras()
     ops = keras.ops
     blocks = [layer.name[: -len("_relu1")] for layer in model.layers if layer.name.endswith("_relu1")]
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    if not blocks or not dense:
+    if len(blocks) < 2 or not dense:
         raise ValueError(f"{model.name} is not a network of utils.model.build_model: it has no blocks to explain")
-    block, dense = blocks[EXPLAIN_BLOCK], dense[-1]  # the classifier
-    features = model.get_layer(f"{block}_relu1").output  # A: h x w x k, the maps that get explained
-    activated = model.get_layer(f"{block}_relu2").output  # the second convolution's, after its ReLU
+    block, head = blocks[-1], np.asarray(dense[-1].kernel, dtype="float32")  # head: k x outputs
+    head = np.concatenate([-head, head], axis=1) if head.shape[1] == 1 else head  # one sigmoid unit: both classes
+    features = model.get_layer(f"{blocks[-2]}_pool").output  # A: h x w x c, the maps that get explained
+    relu1, relu2 = (model.get_layer(f"{block}_relu{i}").output for i in (1, 2))
     pooled = model.get_layer(f"{block}_pool").output
-    conv, bn = model.get_layer(f"{block}_conv2"), model.get_layer(f"{block}_bn2")
-    scale = np.asarray(bn.gamma) / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon)
-    h, w, k = features.shape[1:]
+    convs = [(model.get_layer(f"{block}_conv{i}"), model.get_layer(f"{block}_bn{i}")) for i in (1, 2)]
+    back1, back2 = (backward_kernel(conv, bn) for conv, bn in convs)
+    h, w = features.shape[1:3]
     ph, pw = pooled.shape[1:3]
-    # The score's gradient at the second convolution is dense / (ph pw) where a unit is the maximum of its
-    # pool window and positive, 0 elsewhere. Back through the 3 x 3 convolution, its sum over all places
-    # needs only, per tap of the kernel, how many such units the tap sees inside the map's border.
-    taps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    kernel = np.asarray(conv.kernel, dtype="float64") * scale  # 3 x 3 x k(in) x k(out), BatchNorm folded in
-    back = np.concatenate([kernel[dy + 1, dx + 1] for dy, dx in taps], axis=1) / (ph * pw * h * w)  # k x 9k
-    back, head = back.astype("float32"), np.asarray(dense.kernel, dtype="float32")  # head: k x outputs
 
     def class_maps(tensors):
-        a, r, p = tensors
-        up = ops.repeat(ops.repeat(p, 2, axis=1), 2, axis=2)  # each unit's pool maximum
-        r = r[:, : 2 * ph, : 2 * pw]  # an odd row or column is not pooled: it gets no gradient
-        routed = ops.cast(ops.logical_and(ops.equal(r, up), ops.greater(r, 0.0)), "float32")
-        routed = ops.pad(routed, [[0, 0], [0, h - 2 * ph], [0, w - 2 * pw], [0, 0]])
-        seen = [
-            ops.sum(routed[:, max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)], axis=(1, 2))
-            for dy, dx in taps
-        ]
-        seen = ops.concatenate(seen, axis=1)  # batch x 9k: units seen by each tap, per output channel
-        seen = ops.reshape(seen, (-1, 9, k, 1)) * head[None, None]  # times each output's dense weight
-        seen = ops.reshape(seen, (-1, 9 * k, head.shape[1]))
-        alpha = ops.matmul(back, seen)  # batch x k x outputs: Grad-CAM's weights
-        return ops.reshape(ops.matmul(ops.reshape(a, (-1, h * w, k)), alpha), (-1, h, w, head.shape[1]))
+        probs, a, r1, r2, p = tensors
+        probs = ops.concatenate([1 - probs, probs], axis=1) if probs.shape[1] == 1 else probs
+        chosen = ops.cast(ops.equal(probs, ops.max(probs, axis=1, keepdims=True)), "float32")  # predicted, one-hot
+        # The score's gradient at the second ReLU: the class's dense weights / (ph pw) where a unit is the
+        # maximum of its pool window and positive, 0 elsewhere (an odd last row or column is not pooled).
+        up = ops.repeat(ops.repeat(p, 2, axis=1), 2, axis=2)
+        r2 = r2[:, : 2 * ph, : 2 * pw]
+        routed = ops.cast(ops.logical_and(ops.equal(r2, up), ops.greater(r2, 0.0)), "float32")
+        routed = ops.pad(routed, [[0, 0], [0, h - 2 * ph], [0, w - 2 * pw], [0, 0]]) / (ph * pw)
+        g = routed * ops.matmul(chosen, head.T)[:, None, None, :]
+        g = ops.conv(g, back2, padding="same")  # back through the second convolution and its BatchNorm
+        g = g * ops.cast(ops.greater(r1, 0.0), "float32")  # the first ReLU
+        g = ops.conv(g, back1, padding="same")  # and the first convolution: the gradient at A
+        cam = ops.sum(ops.relu(g) * a, axis=-1)  # LayerCAM: each place's features times its positive gradient
+        return cam[..., None] * chosen[:, None, None, :]
 
-    maps = keras.layers.Lambda(class_maps, name="class_maps")([features, activated, pooled])
+    maps = keras.layers.Lambda(class_maps, name="class_maps")([model.output, features, relu1, relu2, pooled])
     return keras.Model(model.input, [model.output, maps], name="explained")
 
 
 def as_class_maps(maps):
-    """Explaining outputs as N x h x w x classes: one sigmoid unit's map m becomes (-m, m)."""
+    """Explaining outputs as N x h x w x classes. A model file from before LayerCAM gives one sigmoid unit a
+    single map m (Grad-CAM's, signed), which becomes (-m, m)."""
     maps = np.asarray(maps, dtype="float32")
     return np.concatenate([-maps, maps], axis=3) if maps.shape[3] == 1 else maps
 
@@ -82,8 +88,8 @@ def probabilities_and_maps(explain, images):
 
 
 def heat_map(class_map, size):
-    """One class's map (h x w) as a heat map of size x size in [0, 1]: its positive evidence (Grad-CAM's
-    ReLU), upsampled bilinearly over the image and scaled so its peak is 1 (all 0 when there is none)."""
+    """One class's map (h x w) as a heat map of size x size in [0, 1]: its positive evidence, upsampled
+    bilinearly over the image and scaled so its peak is 1 (all 0 when there is none)."""
     heat = Image.fromarray(np.maximum(class_map, 0).astype(np.float32)).resize((size, size), Image.BILINEAR)
     heat = np.maximum(np.asarray(heat), 0)
     top = heat.max()

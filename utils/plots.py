@@ -37,7 +37,7 @@ def save_image_grid(images, titles, title, path, cols=4, heat_legend=False):
     if heat_legend:
         mappable = matplotlib.cm.ScalarMappable(cmap=HEAT_COLORMAP)
         bar = fig.colorbar(mappable, ax=axes, orientation="horizontal", fraction=0.4 / (3.3 * rows + 0.6), pad=0.02)
-        bar.set_ticks([0, 1], labels=["looked less", "looked most (Grad-CAM of the label)"])
+        bar.set_ticks([0, 1], labels=["looked less", "looked most (LayerCAM of the label)"])
     save_figure(fig, path, dpi=72)  # photos compress poorly: keep the PNG small
 
 

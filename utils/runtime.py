@@ -40,7 +40,7 @@ def model_in(folder):
 
 class Loaded(NamedTuple):
     """A model ready to predict: run(batch of uint8 images) -> its outputs; explain(batch) -> (outputs, each
-    output's Grad-CAM map), or None when not asked for or the file has no maps (utils.explain.explaining_model)."""
+    output's LayerCAM map), or None when not asked for or the file has no maps (utils.explain.explaining_model)."""
 
     run: Callable
     size: int
