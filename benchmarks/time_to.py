@@ -70,8 +70,8 @@ def default_to(target, data, out, limit, flags=(), lever=None):
         print("   ", line.rstrip(), flush=True)
         if m := re.match(r"Epoch (\d+)/", line):
             epoch = int(m.group(1))
-        val = re.search(r"- val_accuracy: ([0-9.]+)", line)
-        if val and float(val.group(1)) >= target and exact_val_accuracy(out / ".run" / "log.csv", epoch) >= target:
+        val = "- val_accuracy: " in line  # an epoch's end: its row is in the log by now
+        if val and exact_val_accuracy(out / ".run" / "log.csv", epoch) >= target:
             seconds = time.perf_counter() - start
             proc.send_signal(signal.SIGINT)
             proc.wait()
