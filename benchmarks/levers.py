@@ -25,6 +25,7 @@ from utils.config import DATA_DIR  # noqa: E402
 # name: (train.py flags, {utils setting: value}). The levers of the optimizer set the start as well, as they
 # were measured (the default is "muon-dirac"); every other lever changes the default by one thing.
 OPTIMIZER, DIRAC = "utils.model.OPTIMIZER[name]", "utils.model.DIRAC_INIT"
+STEP = "utils.warps.SIZE_STEP"
 LEVERS = {
     "default": ([], {}),
     "rmsprop": ([], {OPTIMIZER: "rmsprop", DIRAC: False}),  # the earlier default: RMSprop from a random start
@@ -34,6 +35,10 @@ LEVERS = {
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
+    "size-step-64": ([], {STEP: 64}),  # progressive sizes 64 and 128 (11 and 10 epochs) before 160
+    # 64 px for 6 epochs, 128 px for 13, 160 px for 8: sooner at 128 px, as costly (the cats-and-dogs split's
+    # 27 epochs; its recipe would give the flowers 81)
+    "schedule-27": (["--epochs", "27"], {STEP: 64, "utils.warps.PHASES_BY_SIDE": True}),
     "dirac-init": ([], {OPTIMIZER: "rmsprop", DIRAC: True}),
     "muon": ([], {OPTIMIZER: "muon", DIRAC: False}),
     "muon-dirac": ([], {OPTIMIZER: "muon", DIRAC: True}),

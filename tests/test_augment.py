@@ -96,3 +96,28 @@ def test_alternating_flips_show_each_image_both_ways_in_every_two_epochs_in_both
     assert np.array_equal(seen["numpy"], mirrored), "the engines flip different images"
     assert np.all(mirrored[0] != mirrored[1]) and np.all(mirrored[1] != mirrored[2]), "an image kept its side"
     assert 10 < mirrored[0].sum() < 38, f"{mirrored[0].sum()} of 48 mirrored first: not a random half"
+
+
+@pytest.mark.parametrize("step", [32, 64])
+@pytest.mark.parametrize("by_side", [False, True])
+def test_progressive_sizes_climb_from_half_the_final_size_each_for_its_share_of_the_epochs(monkeypatch, step, by_side):
+    monkeypatch.setattr(utils.warps, "SIZE_STEP", step)
+    monkeypatch.setattr(utils.warps, "PHASES_BY_SIDE", by_side)
+    for final, epochs, share in [(160, 27, 0.7), (160, 90, 0.7), (128, 12, 0.5), (176, 9, 0.6), (160, 10, 0.7)]:
+        sizes = utils.warps.image_sizes(final, epochs, share)
+        n_small = round(share * epochs)
+        assert len(sizes) == epochs and sizes[n_small:] == [final] * (epochs - n_small)
+        phases = sorted(set(sizes[:n_small]))
+        assert sizes[:n_small] == sorted(sizes[:n_small]), "the sizes shrink somewhere"
+        assert phases[0] == final // 2 // 32 * 32 and set(np.diff(phases)) <= {step}
+        assert phases[-1] < final <= phases[-1] + step, "a smaller size is skipped or the final one repeated"
+        weights = phases if by_side else [1] * len(phases)
+        for size, weight in zip(phases, weights, strict=True):  # each phase within an epoch of its share
+            assert abs(sizes.count(size) - n_small * weight / sum(weights)) <= 1, (size, sizes)
+    expected = [64] * 6 + [128] * 13 if (step, by_side) == (64, True) else None
+    assert expected is None or utils.warps.image_sizes(160, 27, 0.7) == expected + [160] * 8
+    assert utils.warps.image_sizes(160, 5, 0) == [160] * 5
+
+
+def test_the_default_schedule_is_seven_epochs_at_each_smaller_size_then_nine_at_the_final_one():
+    assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 7 + [96] * 7 + [128] * 7 + [160] * 9

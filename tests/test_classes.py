@@ -219,12 +219,17 @@ def test_predict_takes_labels_txt_beside_a_model_without_names_and_refuses_none(
 def test_recipe_gives_the_cats_and_dogs_settings_on_their_split_and_more_to_smaller_ones():
     import train
 
-    shipped = {"epochs": 30, "warmup_steps": 287, "ema": 0.99, "bn_momentum": 0.99, "augment": 1.0, "cutmix": 0.0}
-    assert train.recipe(18_380, 64) == shipped
+    reference = {"warmup_steps": 287, "ema": 0.99, "bn_momentum": 0.99, "augment": 1.0, "cutmix": 0.0}
+    assert train.recipe(18_380, 64) == {"epochs": train.REFERENCE_EPOCHS, **reference}
     small = train.recipe(1_998, 64)
-    assert small["epochs"] > 30 and small["augment"] > 1 and small["ema"] < 0.99 and small["bn_momentum"] < 0.99
+    assert (
+        small["epochs"] == 3 * train.REFERENCE_EPOCHS
+        and small["augment"] > 1
+        and small["ema"] < 0.99
+        and small["bn_momentum"] < 0.99
+    )
     assert small["warmup_steps"] >= train.WARMUP_STEPS
-    assert train.recipe(100_000, 64)["epochs"] == 30
+    assert train.recipe(100_000, 64)["epochs"] == train.REFERENCE_EPOCHS
 
 
 def test_balanced_weights_give_each_class_the_same_total():
