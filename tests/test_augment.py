@@ -114,10 +114,12 @@ def test_progressive_sizes_climb_from_half_the_final_size_each_for_its_share_of_
         weights = phases if by_side else [1] * len(phases)
         for size, weight in zip(phases, weights, strict=True):  # each phase within an epoch of its share
             assert abs(sizes.count(size) - n_small * weight / sum(weights)) <= 1, (size, sizes)
-    expected = [64] * 6 + [128] * 13 if (step, by_side) == (64, True) else None
-    assert expected is None or utils.warps.image_sizes(160, 27, 0.7) == expected + [160] * 8
     assert utils.warps.image_sizes(160, 5, 0) == [160] * 5
 
 
-def test_the_default_schedule_is_seven_epochs_at_each_smaller_size_then_nine_at_the_final_one():
+def test_the_default_schedule_and_the_lever_schedule_27_as_measured(monkeypatch):
     assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 7 + [96] * 7 + [128] * 7 + [160] * 9
+    monkeypatch.setattr(utils.warps, "SIZE_STEP", 64)
+    assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 11 + [128] * 10 + [160] * 9  # size-step-64
+    monkeypatch.setattr(utils.warps, "PHASES_BY_SIDE", True)
+    assert utils.warps.image_sizes(160, 27, 0.7) == [64] * 6 + [128] * 13 + [160] * 8
