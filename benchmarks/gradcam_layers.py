@@ -3,8 +3,9 @@
     python benchmarks/gradcam_layers.py models/cats_vs_dogs.keras --n 50
 
 Two methods, by gradients (tf.GradientTape, one pass, no mirror): Grad-CAM (each feature map weighted by
-its gradient's mean over places: what predict.py --explain draws, at the last block's first convolution)
-and LayerCAM (Jiang et al., 2021: each place's features weighted by that place's positive gradient), at
+its gradient's mean over places: what predict.py --explain drew before LayerCAM) and LayerCAM (Jiang et
+al., 2021: each place's features weighted by that place's positive gradient; what it draws now, after the
+block before the last's pool, in closed form: utils/explain.py), at
 the last block's two convolutions and pool and at the block before it, on pointing_game.py's grey
 canvases. A hit is a map whose peak (for the label the model chose) falls inside the pasted photo. Needs
 TensorFlow and a .keras file of train.py with two classes.
