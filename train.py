@@ -183,6 +183,7 @@ def main(argv=None):
         class_names, splits = read_split(args.data)
         derived = resolve_recipe(args, len(splits[0][0]))
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RESUMABLE}
+        config["image_sizes"] = image_sizes(args.image_size, args.epochs, args.progressive)  # utils.warps may change it
         if args.resume:
             check_resume(work, config)
         with exclusive(out / ".lock", f"--out {out}"):

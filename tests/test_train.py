@@ -134,6 +134,12 @@ def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, t
     flags = ["--data", data, "--out", out, "--batch-size", "16", "--image-size", "64", "--resume"]
     mismatch = call("train.py", *flags, "--epochs", "4")
     assert mismatch.returncode == 2 and "--epochs 3 (now 4)" in mismatch.stderr
+    config = out / ".run" / "config.json"  # a schedule of utils.warps' settings other than today's
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({**saved, "image_sizes": [64, 64, 64]}))
+    mismatch = call("train.py", *flags, "--epochs", "3")
+    assert mismatch.returncode == 2 and "image size by epoch [64, 64, 64] (now [32, 32, 64])" in mismatch.stderr
+    config.write_text(json.dumps(saved))
     resumed = call("train.py", *flags, "--epochs", "3")
     assert resumed.returncode == 0, resumed.stderr
     assert f"Epoch {done}/3" not in resumed.stdout and "Epoch 3/3" in resumed.stdout

@@ -193,11 +193,16 @@ def finished_epochs(work):
 
 
 def check_resume(work, config):
-    """Refuse --resume when work holds no run, or one started with other flags than config's."""
+    """Refuse --resume when work holds no run, or one started with other flags or image sizes than config's."""
     if not (work / "config.json").exists():
         raise UserError(f"nothing to resume in {work.parent}; run without --resume to start training")
     saved = json.loads((work / "config.json").read_text())
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {config[k]})" for k in config if saved.get(k) != config[k]]
+    named = {"image_sizes": "image size by epoch"}  # set in utils.warps, not by a flag
+    diff = [
+        f"{named.get(k, '--' + k.replace('_', '-'))} {saved.get(k)} (now {config[k]})"
+        for k in config
+        if saved.get(k) != config[k]
+    ]
     if diff:
         raise UserError(f"--resume needs the flags of the interrupted run: {', '.join(diff)}")
 
