@@ -99,21 +99,20 @@ def test_alternating_flips_show_each_image_both_ways_in_every_two_epochs_in_both
 
 
 @pytest.mark.parametrize("step", [32, 64])
-@pytest.mark.parametrize("by_side", [False, True])
-def test_progressive_sizes_climb_from_half_the_final_size_each_for_its_share_of_the_epochs(monkeypatch, step, by_side):
+@pytest.mark.parametrize("power", [0, 1, 1.5])
+def test_progressive_sizes_climb_from_half_the_final_size_each_for_its_share_of_the_epochs(monkeypatch, step, power):
     monkeypatch.setattr(utils.warps, "SIZE_STEP", step)
-    monkeypatch.setattr(utils.warps, "PHASES_BY_SIDE", by_side)
+    monkeypatch.setattr(utils.warps, "PHASE_POWER", power)
     for final, epochs, share in [(160, 27, 0.7), (160, 90, 0.7), (128, 12, 0.5), (176, 9, 0.6), (160, 10, 0.7)]:
         sizes = utils.warps.image_sizes(final, epochs, share)
         n_small = round(share * epochs)
         assert len(sizes) == epochs and sizes[n_small:] == [final] * (epochs - n_small)
-        phases = sorted(set(sizes[:n_small]))
+        ladder = list(range(final // 2 // 32 * 32, final, step))  # from half the final size, below it
         assert sizes[:n_small] == sorted(sizes[:n_small]), "the sizes shrink somewhere"
-        assert phases[0] == final // 2 // 32 * 32 and set(np.diff(phases)) <= {step}
-        assert phases[-1] < final <= phases[-1] + step, "a smaller size is skipped or the final one repeated"
-        weights = phases if by_side else [1] * len(phases)
-        for size, weight in zip(phases, weights, strict=True):  # each phase within an epoch of its share
-            assert abs(sizes.count(size) - n_small * weight / sum(weights)) <= 1, (size, sizes)
+        assert sizes[0] == ladder[0] and set(sizes[:n_small]) <= set(ladder), sizes
+        weights = [size**power for size in ladder]
+        for size, weight in zip(ladder, weights, strict=True):  # each phase within an epoch of its share
+            assert abs(sizes.count(size) - n_small * weight / sum(weights)) < 1, (size, sizes)
     assert utils.warps.image_sizes(160, 5, 0) == [160] * 5
 
 
@@ -121,5 +120,7 @@ def test_the_default_schedule_and_the_lever_schedule_27_as_measured(monkeypatch)
     assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 7 + [96] * 7 + [128] * 7 + [160] * 9
     monkeypatch.setattr(utils.warps, "SIZE_STEP", 64)
     assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 11 + [128] * 10 + [160] * 9  # size-step-64
-    monkeypatch.setattr(utils.warps, "PHASES_BY_SIDE", True)
+    monkeypatch.setattr(utils.warps, "PHASE_POWER", 1)
     assert utils.warps.image_sizes(160, 27, 0.7) == [64] * 6 + [128] * 13 + [160] * 8
+    monkeypatch.setattr(utils.warps, "PHASE_POWER", 1.5)  # schedule-25
+    assert utils.warps.image_sizes(160, 25, 0.68) == [64] * 4 + [128] * 13 + [160] * 8

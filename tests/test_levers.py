@@ -136,3 +136,30 @@ def test_time_to_counts_the_exact_accuracy_not_the_rounded_progress_line(tmp_pat
     monkeypatch.setattr(time_to, "ROOT", tmp_path)
     seconds, epoch = time_to.default_to(0.96, tmp_path / "data", tmp_path / "run", limit=60)
     assert epoch == 2 and seconds < 30
+
+
+def test_a_lever_run_gives_train_py_the_lever_flags_and_settings_then_the_callers_flags(monkeypatch):
+    import runpy
+
+    import levers
+
+    import utils.warps
+
+    seen = {}
+
+    def fake_train(path, run_name):
+        seen.update(argv=sys.argv[1:], step=utils.warps.SIZE_STEP, power=utils.warps.PHASE_POWER)
+
+    monkeypatch.setattr(runpy, "run_path", fake_train)
+    monkeypatch.setattr(utils.warps, "SIZE_STEP", utils.warps.SIZE_STEP)
+    monkeypatch.setattr(utils.warps, "PHASE_POWER", utils.warps.PHASE_POWER)
+    monkeypatch.setattr(sys, "argv", ["levers.py", "--train", "schedule-25", "--", "--out", "o", "--epochs", "3"])
+    levers.main()
+    assert seen == {
+        "argv": ["--epochs", "25", "--progressive", "0.68", "--out", "o", "--epochs", "3"],
+        "step": 64,
+        "power": 1.5,
+    }
+    import train
+
+    assert train.parse_args(seen["argv"]).epochs == 3, "the caller's flags must win over the lever's"

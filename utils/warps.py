@@ -16,19 +16,19 @@ AUGMENTATION = dict(
 
 
 # Progressive resizing's sizes climb from half the final size in steps of SIZE_STEP pixels (64, 96 and
-# 128 before 160), each for an equal share of the progressive epochs, or with PHASES_BY_SIDE for a share in
-# proportion to its side (benchmarks/levers.py's schedule levers).
+# 128 before 160), each for a share of the progressive epochs in proportion to its side to the power
+# PHASE_POWER: 0 gives equal shares, 1 shares by side (benchmarks/levers.py's schedule levers).
 SIZE_STEP = 32
-PHASES_BY_SIDE = False
+PHASE_POWER = 0
 
 
 def image_sizes(final, epochs, progressive):
     """Training image size of each epoch: the first `progressive` share of the epochs climb from half of
-    `final` in SIZE_STEP steps, in phases as PHASES_BY_SIDE says, each rounded to the nearest epoch; the
-    rest train at `final`."""
+    `final` in SIZE_STEP steps, in phases weighted as PHASE_POWER says, each rounded to the nearest epoch;
+    the rest train at `final`."""
     small = list(range(max(32, final // 2 // 32 * 32), final, SIZE_STEP))
     n_small = round(progressive * epochs) if small else 0
-    weights = small if PHASES_BY_SIDE else [1] * len(small)
+    weights = [side**PHASE_POWER for side in small]
     ends = np.cumsum(weights) / sum(weights) * n_small  # where each size's phase ends, in epochs
     sizes = [small[np.searchsorted(ends, i + 0.5)] for i in range(n_small)]
     return sizes + [final] * (epochs - n_small)
