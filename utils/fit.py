@@ -201,7 +201,7 @@ def check_resume(work, config):
     diff = [
         f"{named.get(k, '--' + k.replace('_', '-'))} {saved.get(k)} (now {config[k]})"
         for k in config
-        if saved.get(k) != config[k]
+        if k in saved and saved[k] != config[k]  # a run written before a key existed is not refused for it
     ]
     if diff:
         raise UserError(f"--resume needs the flags of the interrupted run: {', '.join(diff)}")
