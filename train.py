@@ -215,7 +215,7 @@ def train(args, out, work, config, derived, class_names, splits):
     keras.mixed_precision.set_global_policy(precision)
 
     # 3. model: any image size (progressive resizing), except for ImageDataGenerator's one size
-    sizes = image_sizes(args.image_size, args.epochs, args.progressive)
+    sizes = config["image_sizes"]  # progressive resizing: the image size of each epoch
     steps = len(x_train) // args.batch_size
     hyper = ("width", "bn_momentum", "epochs", "learning_rate", "warmup_steps", "label_smoothing", "ema")
     size = args.image_size if args.engine == "idg" else None
