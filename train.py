@@ -56,7 +56,7 @@ from utils.fit import (
 )
 from utils.flags import check_train_flags
 from utils.images import load_splits, read_split
-from utils.model import build_model, compile_model, widths
+from utils.model import build_model, compile_model, stem_kernel, widths
 from utils.warps import image_sizes, sample_weights, targets
 
 PROCESS_START = time.perf_counter()  # time to accuracy counts from here
@@ -219,8 +219,9 @@ def train(args, out, work, config, derived, class_names, splits):
     steps = len(x_train) // args.batch_size
     hyper = ("width", "bn_momentum", "epochs", "learning_rate", "warmup_steps", "label_smoothing", "ema")
     size = args.image_size if args.engine == "idg" else None
+    stem = stem_kernel(x_train)  # None: the stem trains from a random start (utils.model.WHITEN_STEM)
     with strategy.scope() if strategy else contextlib.nullcontext():  # variables on every device
-        model = compile_model(class_names, size, steps, **{k: getattr(args, k) for k in hyper})
+        model = compile_model(class_names, size, steps, **{k: getattr(args, k) for k in hyper}, stem_kernel=stem)
     first = start_work(work, config, args.resume, need=4 * state_bytes(model) + 2 * 4 * model.count_params())
 
     # 4. batches, augmented, from the first epoch still to train; part: this process's share of each batch

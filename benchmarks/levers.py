@@ -41,6 +41,7 @@ LEVERS = {
     "schedule-27": (["--epochs", "27"], {STEP: 64, POWER: 1}),
     # 4 epochs at 64 px, 13 at 128, 8 at 160: the 64 px phase shorter still (its validation stops rising by epoch 6)
     "schedule-25": (["--epochs", "25", "--progressive", "0.68"], {STEP: 64, POWER: 1.5}),
+    "whiten-stem": ([], {"utils.model.WHITEN_STEM": True}),  # airbench's frozen patch-whitening stem
     "dirac-init": ([], {OPTIMIZER: "rmsprop", DIRAC: True}),
     "muon": ([], {OPTIMIZER: "muon", DIRAC: False}),
     "muon-dirac": ([], {OPTIMIZER: "muon", DIRAC: True}),

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, flower_photos
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -70,6 +70,38 @@ def test_the_default_is_muon_from_the_identity_and_the_optimizer_levers_compile_
         model.optimizer.apply(gradients, model.trainable_variables)  # Muon's step on 4-D kernels
     moved = [not np.array_equal(np.array(w), b) for w, b in zip(model.trainable_variables, before, strict=True)]
     assert set(kernels) <= {w.path for w, m in zip(model.trainable_variables, moved, strict=True) if m}
+
+
+def test_the_whitening_stem_decorrelates_real_photos_patches_and_stays_frozen_while_the_rest_trains(flowers_zip):
+    import io
+
+    import keras
+    from PIL import Image
+
+    import utils.model
+
+    jpegs = [j for photos in flower_photos(flowers_zip, 3).values() for j in photos]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB").resize((33, 33))) for j in jpegs])
+    kernel = utils.model.whitening_kernel(images)
+    assert kernel.shape == (3, 3, 3, 32) and np.array_equal(kernel[..., 16:], -kernel[..., :16])
+    # the stem's convolution of the photos: its first 16 channels are uncorrelated, each of variance below 1 and
+    # falling (lambda / (lambda + eps) for the 16 largest eigenvalues lambda of the patches' second moment)
+    conv = keras.layers.Conv2D(32, 3, strides=2, use_bias=False)
+    conv.build((None, 33, 33, 3))
+    conv.set_weights([kernel])
+    out = np.asarray(conv(images.astype("float32") / 255)).reshape(-1, 32)[:, :16]
+    moment = out.T @ out / len(out)
+    assert np.abs(moment - np.diag(np.diag(moment))).max() < 1e-3, "the channels are correlated: patches misread"
+    assert 0.5 < np.diag(moment)[0] < 1 and np.all(np.diff(np.diag(moment)) <= 1e-6)
+
+    compile_at = dict(image_size=32, steps=2, width=0.25, bn_momentum=0.9, epochs=1, learning_rate=0.05)
+    compile_at.update(warmup_steps=1, label_smoothing=0.0, ema=0.0)
+    model = utils.model.compile_model(("a", "b", "c"), **compile_at, stem_kernel=kernel)
+    before = {name: model.get_layer(name).get_weights()[0] for name in ("stem_conv", "block1_conv1")}
+    labels = keras.utils.to_categorical(np.arange(len(images)) % 3, 3)
+    model.fit(images[:, :32, :32].astype("float32"), labels, batch_size=5, epochs=1, verbose=0)
+    assert np.array_equal(model.get_layer("stem_conv").get_weights()[0], kernel), "the whitening stem trained"
+    assert not np.array_equal(model.get_layer("block1_conv1").get_weights()[0], before["block1_conv1"])
 
 
 def test_a_finished_lever_run_is_read_only_while_the_lever_means_what_it_meant(tmp_path):

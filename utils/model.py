@@ -3,6 +3,8 @@
 import functools
 import zipfile
 
+import numpy as np
+
 from utils.backend import backend, import_keras
 from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES, MODEL_FILE, OTHER_MODEL_STEM, WIDTHS
 
@@ -12,6 +14,7 @@ from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES
 # together they reach each accuracy sooner than RMSprop from a random start (benchmarks/README.md).
 OPTIMIZER = dict(name="muon", momentum=0.9, weight_decay=5e-4)
 DIRAC_INIT = True  # airbench's identity start for the blocks' convolutions (see dirac_init)
+WHITEN_STEM = False  # airbench's frozen patch-whitening stem (see whitening_kernel): a lever, off
 
 
 def build_model(
@@ -145,6 +148,29 @@ def dirac_init(model):
             layer.set_weights([kernel])
 
 
+def whitening_kernel(images, filters=32, size=3, eps=5e-4, sample=256, chunk=32):
+    """airbench's patch-whitening filters for the stem, from up to `sample` training images (pixels scaled to
+    [0, 1]): the principal directions of their size x size patches (at the stem's stride, 2), each divided by
+    its standard deviation. The top filters // 2 and their negatives, so that the ReLU after them keeps both
+    signs. A (size, size, channels, filters) kernel for the stem's Conv2D."""
+    pick = np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)
+    moment, count = 0.0, 0
+    for start in range(0, len(pick), chunk):  # a chunk's patches at a time: 256 images' would take 180 MB
+        x = np.asarray(images[pick[start : start + chunk]], dtype="float32") / 255
+        windows = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))[:, ::2, ::2]
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, size * size * x.shape[-1])  # (row, col, channel)
+        moment, count = moment + patches.T @ patches, count + len(patches)
+    values, vectors = np.linalg.eigh(moment / count)  # ascending
+    top = vectors[:, ::-1][:, : filters // 2] / np.sqrt(values[::-1][: filters // 2] + eps)
+    kernel = top.reshape(size, size, x.shape[-1], filters // 2)
+    return np.concatenate([kernel, -kernel], axis=-1).astype("float32")
+
+
+def stem_kernel(train_images):
+    """The stem's fixed filters: whitening_kernel's where WHITEN_STEM is set, else None (trained from random)."""
+    return whitening_kernel(train_images) if WHITEN_STEM else None
+
+
 @functools.cache
 def conv_muon():
     """keras.optimizers.Muon, which gives Muon's step only to 2-D kernels (here the classifier's), with
@@ -180,11 +206,21 @@ def make_optimizer(keras, schedule, ema):
 
 
 def compile_model(
-    class_names, image_size, steps, width, bn_momentum, epochs, learning_rate, warmup_steps, label_smoothing, ema
+    class_names,
+    image_size,
+    steps,
+    width,
+    bn_momentum,
+    epochs,
+    learning_rate,
+    warmup_steps,
+    label_smoothing,
+    ema,
+    stem_kernel=None,
 ):
     """The trainable model (image_size None: any size), compiled for `epochs` of `steps`: OPTIMIZER warmed up
     to learning_rate, then decayed along a cosine; the loss with label_smoothing; ema: the momentum of the
-    weights' moving average (0: none)."""
+    weights' moving average (0: none); stem_kernel: the stem's filters, then frozen (whitening_kernel)."""
     keras = import_keras()
     warmup = min(warmup_steps, max(1, (epochs - 1) * steps))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -193,6 +229,9 @@ def compile_model(
     model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum)
     if DIRAC_INIT:
         dirac_init(model)
+    if stem_kernel is not None:
+        model.get_layer("stem_conv").set_weights([stem_kernel])
+        model.get_layer("stem_conv").trainable = False
     loss = keras.losses.BinaryCrossentropy if len(class_names) == 2 else keras.losses.CategoricalCrossentropy
     model.compile(
         optimizer=make_optimizer(keras, schedule, ema),
