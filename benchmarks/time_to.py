@@ -4,7 +4,7 @@ epochs, on one machine, in one command.
     python benchmarks/time_to.py --data data/processed
     python benchmarks/time_to.py --target 0.96 --cap 1.0
     python benchmarks/time_to.py --variant "--batch-size 32" --variant "--learning-rate 4e-3"
-    python benchmarks/time_to.py --lever muon-dirac
+    python benchmarks/time_to.py --lever muon-dirac --lever "schedule-25 --seed 7"
 
 1. Runs one epoch of the notebook's pipeline (baseline.py: 150 px, its augmentation and CNN,
    batch 100) on the full split and takes 15 times its wall time: the baseline's 15 epochs.
@@ -12,7 +12,8 @@ epochs, on one machine, in one command.
    it (Ctrl-C) at the first epoch whose validation accuracy (at full precision, from the run's CSV
    log) reaches --target, or once it has run --cap times the baseline's 15 epochs; the time counts
    from the process's start, data loading included. Each --lever is a run of its own with that lever
-   of benchmarks/levers.py (its LEVERS). Each run's per-epoch log is kept in --out.
+   of benchmarks/levers.py (its LEVERS), and any train.py flags after its name. Each run's per-epoch log
+   is kept in --out.
 Prints both, and the ratio that the goal bounds (GOALS: 0.125 for 90 %, 0.40 for 96 %). Nothing else
 should run on the machine meanwhile.
 """
@@ -30,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from levers import LEVERS  # noqa: E402
+
 from utils.backend import cpu_model  # noqa: E402
 from utils.config import DATA_DIR  # noqa: E402
 
@@ -84,6 +87,13 @@ def default_to(target, data, out, limit, flags=(), lever=None):
     return None, epoch
 
 
+def runs_to_time(default, variants, levers):
+    """(name, extra train.py flags, lever or None) of each run: the default, each variant, each lever (its name,
+    then any extra flags: "schedule-25 --seed 7")."""
+    runs = [("default", [], None)] if default else []
+    return runs + [(v, v.split(), None) for v in variants] + [(lv, lv.split()[1:], lv.split()[0]) for lv in levers]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA_DIR, help="the full split (default: %(default)s)")
@@ -91,19 +101,25 @@ def main():
     p.add_argument("--target", type=float, default=0.90, help="validation accuracy to reach (default: %(default)s)")
     p.add_argument("--variant", action="append", default=[], help="extra train.py flags to time as well (repeatable)")
     p.add_argument("--skip-default", action="store_true", help="time only the variants and levers")
-    p.add_argument("--lever", action="append", default=[], help="a lever of benchmarks/levers.py to time (repeatable)")
+    p.add_argument(
+        "--lever",
+        action="append",
+        default=[],
+        help="a lever of benchmarks/levers.py to time, then any train.py flags: 'schedule-25 --seed 7' (repeatable)",
+    )
     p.add_argument("--baseline-seconds", type=float, help="one baseline epoch measured earlier on this machine")
     p.add_argument(
         "--cap", type=float, default=1.0, help="stop a run after this share of the baseline's 15 epochs (default: 1)"
     )
     args = p.parse_args()
+    for lever in args.lever:  # before the baseline's epoch, not after it
+        if lever.split()[0] not in LEVERS:
+            p.error(f"--lever {lever!r}: no such lever; the levers are: {', '.join(LEVERS)}")
     print(f"CPU: {cpu_model()}", flush=True)
     epoch = args.baseline_seconds or baseline_epoch(args.data, args.out / "baseline")
     goal = GOALS.get(round(args.target, 4))
     print(f"baseline: one epoch {epoch} s; 15 epochs {15 * epoch} s", flush=True)
-    runs = [] if args.skip_default else [("default", [], None)]
-    runs += [(v, v.split(), None) for v in args.variant] + [(lever, [], lever) for lever in args.lever]
-    for i, (name, flags, lever) in enumerate(runs):
+    for i, (name, flags, lever) in enumerate(runs_to_time(not args.skip_default, args.variant, args.lever)):
         out = args.out / f"run{i}"
         seconds, n = default_to(args.target, args.data, out, args.cap * 15 * epoch, flags, lever)
         if seconds is None:

@@ -168,6 +168,12 @@ def test_time_to_counts_the_exact_accuracy_not_the_rounded_progress_line(tmp_pat
     monkeypatch.setattr(time_to, "ROOT", tmp_path)
     seconds, epoch = time_to.default_to(0.96, tmp_path / "data", tmp_path / "run", limit=60)
     assert epoch == 2 and seconds < 30
+    runs = time_to.runs_to_time(False, ["--batch-size 32"], ["schedule-25", "schedule-25 --seed 7"])
+    assert runs == [
+        ("--batch-size 32", ["--batch-size", "32"], None),
+        ("schedule-25", [], "schedule-25"),
+        ("schedule-25 --seed 7", ["--seed", "7"], "schedule-25"),  # the lever's run at another seed
+    ]
 
 
 def test_a_lever_run_gives_train_py_the_lever_flags_and_settings_then_the_callers_flags(monkeypatch):
