@@ -221,7 +221,7 @@ def train(args, out, work, config, derived, class_names, splits):
     size = args.image_size if args.engine == "idg" else None
     stem = stem_kernel(x_train)  # None: the stem trains from a random start (utils.model.WHITEN_STEM)
     with strategy.scope() if strategy else contextlib.nullcontext():  # variables on every device
-        model = compile_model(class_names, size, steps, **{k: getattr(args, k) for k in hyper}, stem_kernel=stem)
+        model = compile_model(class_names, size, steps, **{k: getattr(args, k) for k in hyper}, stem_filters=stem)
     first = start_work(work, config, args.resume, need=4 * state_bytes(model) + 2 * 4 * model.count_params())
 
     # 4. batches, augmented, from the first epoch still to train; part: this process's share of each batch

@@ -96,7 +96,7 @@ def test_the_whitening_stem_decorrelates_real_photos_patches_and_stays_frozen_wh
 
     compile_at = dict(image_size=32, steps=2, width=0.25, bn_momentum=0.9, epochs=1, learning_rate=0.05)
     compile_at.update(warmup_steps=1, label_smoothing=0.0, ema=0.0)
-    model = utils.model.compile_model(("a", "b", "c"), **compile_at, stem_kernel=kernel)
+    model = utils.model.compile_model(("a", "b", "c"), **compile_at, stem_filters=kernel)
     before = {name: model.get_layer(name).get_weights()[0] for name in ("stem_conv", "block1_conv1")}
     labels = keras.utils.to_categorical(np.arange(len(images)) % 3, 3)
     model.fit(images[:, :32, :32].astype("float32"), labels, batch_size=5, epochs=1, verbose=0)

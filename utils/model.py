@@ -15,13 +15,14 @@ from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES
 OPTIMIZER = dict(name="muon", momentum=0.9, weight_decay=5e-4)
 DIRAC_INIT = True  # airbench's identity start for the blocks' convolutions (see dirac_init)
 WHITEN_STEM = False  # airbench's frozen patch-whitening stem (see whitening_kernel): a lever, off
+STEM = 32  # the stem convolution's filters
 
 
 def build_model(
     image_size=IMAGE_SIZE,
     class_names=("cat", "dog"),
     widths=WIDTHS,
-    stem=32,
+    stem=STEM,
     dropout=0.3,
     block_dropout=0.1,
     bn_momentum=0.99,
@@ -148,7 +149,7 @@ def dirac_init(model):
             layer.set_weights([kernel])
 
 
-def whitening_kernel(images, filters=32, size=3, eps=5e-4, sample=256, chunk=32):
+def whitening_kernel(images, filters=STEM, size=3, eps=5e-4, sample=256, chunk=32):
     """airbench's patch-whitening filters for the stem, from up to `sample` training images (pixels scaled to
     [0, 1]): the principal directions of their size x size patches (at the stem's stride, 2), each divided by
     its standard deviation. The top filters // 2 and their negatives, so that the ReLU after them keeps both
@@ -216,11 +217,11 @@ def compile_model(
     warmup_steps,
     label_smoothing,
     ema,
-    stem_kernel=None,
+    stem_filters=None,
 ):
     """The trainable model (image_size None: any size), compiled for `epochs` of `steps`: OPTIMIZER warmed up
     to learning_rate, then decayed along a cosine; the loss with label_smoothing; ema: the momentum of the
-    weights' moving average (0: none); stem_kernel: the stem's filters, then frozen (whitening_kernel)."""
+    weights' moving average (0: none); stem_filters: the stem's kernel, then frozen (stem_kernel)."""
     keras = import_keras()
     warmup = min(warmup_steps, max(1, (epochs - 1) * steps))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -229,8 +230,8 @@ def compile_model(
     model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum)
     if DIRAC_INIT:
         dirac_init(model)
-    if stem_kernel is not None:
-        model.get_layer("stem_conv").set_weights([stem_kernel])
+    if stem_filters is not None:
+        model.get_layer("stem_conv").set_weights([stem_filters])
         model.get_layer("stem_conv").trainable = False
     loss = keras.losses.BinaryCrossentropy if len(class_names) == 2 else keras.losses.CategoricalCrossentropy
     model.compile(
