@@ -15,7 +15,7 @@ from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES
 OPTIMIZER = dict(name="muon", momentum=0.9, weight_decay=5e-4)
 DIRAC_INIT = True  # airbench's identity start for the blocks' convolutions (see dirac_init)
 WHITEN_STEM = False  # airbench's frozen patch-whitening stem (see whitening_kernel): a lever, off
-STEM = 32  # the stem convolution's filters
+STEM, STEM_STRIDE = 32, 2  # the stem convolution's filters and stride
 
 
 def build_model(
@@ -42,7 +42,7 @@ def build_model(
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)
-    x = layers.Conv2D(stem, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.Conv2D(stem, 3, strides=STEM_STRIDE, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for i, width in enumerate(widths, 1):
@@ -151,14 +151,15 @@ def dirac_init(model):
 
 def whitening_kernel(images, filters=STEM, size=3, eps=5e-4, sample=256, chunk=32):
     """airbench's patch-whitening filters for the stem, from up to `sample` training images (pixels scaled to
-    [0, 1]): the principal directions of their size x size patches (at the stem's stride, 2), each divided by
+    [0, 1]): the principal directions of their size x size patches (at the stem's stride), each divided by
     its standard deviation. The top filters // 2 and their negatives, so that the ReLU after them keeps both
     signs. A (size, size, channels, filters) kernel for the stem's Conv2D."""
     pick = np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)
     moment, count = 0.0, 0
     for start in range(0, len(pick), chunk):  # a chunk's patches at a time: 256 images' would take 180 MB
         x = np.asarray(images[pick[start : start + chunk]], dtype="float32") / 255
-        windows = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))[:, ::2, ::2]
+        every = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))
+        windows = every[:, ::STEM_STRIDE, ::STEM_STRIDE]
         patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, size * size * x.shape[-1])  # (row, col, channel)
         moment, count = moment + patches.T @ patches, count + len(patches)
     values, vectors = np.linalg.eigh(moment / count)  # ascending
