@@ -35,6 +35,8 @@ LEVERS = {
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
+    "ema-0.997": (["--ema", "0.997"], {}),  # weights averaged over about one cats-and-dogs epoch, not 100 steps
+    "width-1.5": (["--width", "1.5"], {}),  # every block 1.5 times as wide
     "size-step-64": ([], {STEP: 64}),  # progressive sizes 64 and 128 (11 and 10 epochs) before 160
     # 64 px for 6 epochs, 128 px for 13, 160 px for 8: sooner at 128 px, as costly (the cats-and-dogs split's
     # 27 epochs; its recipe would give the flowers 81)
