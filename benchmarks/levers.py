@@ -44,6 +44,10 @@ LEVERS = {
     # 4 epochs at 64 px, 13 at 128, 8 at 160: the 64 px phase shorter still (its validation stops rising by epoch 6)
     "schedule-25": (["--epochs", "25", "--progressive", "0.68"], {STEP: 64, POWER: 1.5}),
     "whiten-stem": ([], {"utils.model.WHITEN_STEM": True}),  # airbench's frozen patch-whitening stem
+    # airbench's layout: less width where the maps are large (the stem and block 1, 16 filters, not 32), more
+    # where they are small; "narrow-stem" narrows only the first two, "airbench-widths" also widens blocks 3-4
+    "narrow-stem": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]}),
+    "airbench-widths": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 192, 384]}),
     "dirac-init": ([], {OPTIMIZER: "rmsprop", DIRAC: True}),
     "muon": ([], {OPTIMIZER: "muon", DIRAC: False}),
     "muon-dirac": ([], {OPTIMIZER: "muon", DIRAC: True}),

@@ -133,6 +133,20 @@ def test_dirac_init_passes_the_first_channels_through_each_block_convolution():
     assert np.count_nonzero(stem) == stem.size, "the stem is not a block convolution"
 
 
+def test_the_layout_levers_reach_the_model_train_py_builds_and_the_whitened_stem(monkeypatch):
+    import levers
+
+    import utils.model
+
+    for setting, value in levers.LEVERS["narrow-stem"][1].items():
+        monkeypatch.setattr(utils.model, setting.rsplit(".", 1)[1], value)  # as levers.apply sets it
+    model = utils.model.build_model(32, ("a", "b"), widths=utils.model.widths(0.5))  # as train.py builds it
+    filters = [model.get_layer(name).filters for name in ("stem_conv", "block1_conv1", "block2_conv1", "block4_conv2")]
+    assert filters == [16, 8, 32, 128], "a layout lever set in utils.model does not reach the model"
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    assert utils.model.whitening_kernel(images).shape == (3, 3, 3, 16)
+
+
 @pytest.mark.parametrize("d", [3, -3])
 def test_tta_views_shift_by_whole_pixels_and_reflect_the_edge(d):
     from tta_views import shifted

@@ -22,7 +22,7 @@ def build_model(
     image_size=IMAGE_SIZE,
     class_names=("cat", "dog"),
     widths=WIDTHS,
-    stem=STEM,
+    stem=None,
     dropout=0.3,
     block_dropout=0.1,
     bn_momentum=0.99,
@@ -36,13 +36,14 @@ def build_model(
     trains it so); the saved model is rebuilt at the final size, which predict.py reads from it.
     Layers are named, so weights move between the two builds by name. bn_momentum: how slowly
     BatchNormalization's statistics for inference follow the training batches (train.py's recipe derives it).
+    stem: the stem's filters (None: STEM, read when the model is built, as benchmarks/levers.py sets it).
     """
     keras = import_keras()
     layers = keras.layers
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)
-    x = layers.Conv2D(stem, 3, strides=STEM_STRIDE, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.Conv2D(stem or STEM, 3, strides=STEM_STRIDE, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for i, width in enumerate(widths, 1):
@@ -149,11 +150,12 @@ def dirac_init(model):
             layer.set_weights([kernel])
 
 
-def whitening_kernel(images, filters=STEM, size=3, eps=5e-4, sample=256, chunk=32):
+def whitening_kernel(images, filters=None, size=3, eps=5e-4, sample=256, chunk=32):
     """airbench's patch-whitening filters for the stem, from up to `sample` training images (pixels scaled to
     [0, 1]): the principal directions of their size x size patches (at the stem's stride), each divided by
     its standard deviation. The top filters // 2 and their negatives, so that the ReLU after them keeps both
-    signs. A (size, size, channels, filters) kernel for the stem's Conv2D."""
+    signs. A (size, size, channels, filters) kernel for the stem's Conv2D (filters None: STEM)."""
+    filters = filters or STEM
     pick = np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)
     moment, count = 0.0, 0
     for start in range(0, len(pick), chunk):  # a chunk's patches at a time: 256 images' would take 180 MB
