@@ -48,6 +48,7 @@ LEVERS = {
     # where they are small; "narrow-stem" narrows only the first two, "airbench-widths" also widens blocks 3-4
     "narrow-stem": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]}),
     "airbench-widths": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 192, 384]}),
+    "mixup": ([], {"utils.warps.MIX": "mixup"}),  # the --cutmix batches blend whole photos (Mixup) instead
     "dirac-init": ([], {OPTIMIZER: "rmsprop", DIRAC: True}),
     "muon": ([], {OPTIMIZER: "muon", DIRAC: False}),
     "muon-dirac": ([], {OPTIMIZER: "muon", DIRAC: True}),

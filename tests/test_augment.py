@@ -76,6 +76,47 @@ def test_cutmix_pastes_one_box_from_another_image_and_mixes_targets_by_its_area(
     assert len(set(np.round(areas, 3))) > 3, "the box does not change from batch to batch"
 
 
+def blend_partners(photos, mixed):
+    """For each mixed image: the photo blended into it and its share (a), from mixed = (1 - a) photo + a other
+    (-1 and 0 where the image is unchanged), and how far the image is from that blend."""
+    n = len(photos)
+    diff = (mixed - photos).reshape(n, -1)
+    towards = (photos[None] - photos[:, None]).reshape(n, n, -1)  # towards[i, j]: photo j minus photo i
+    share = np.einsum("ip,ijp->ij", diff, towards) / np.maximum(np.einsum("ijp,ijp->ij", towards, towards), 1e-9)
+    residual = np.linalg.norm(diff[:, None] - share[..., None] * towards, axis=-1)
+    partner = np.where(np.abs(diff).max(axis=1) > 1e-3, residual.argmin(axis=1), -1)
+    rows = np.arange(n)
+    return partner, share[rows, partner] * (partner >= 0), residual[rows, partner] / (1 + np.linalg.norm(diff, axis=1))
+
+
+@pytest.mark.parametrize("engine", ["tf", "numpy"])
+def test_mixup_blends_one_other_whole_photo_in_and_mixes_targets_by_its_share(photos, engine):
+    import tensorflow as tf
+
+    import utils.engine_numpy
+
+    x, n = photos[:16], 16
+    y = np.eye(3, dtype="float32")[np.arange(n) % 3]
+    w = np.ones(n, dtype="float32")
+    shares = []
+    with mock.patch.object(utils.warps, "MIX", "mixup"):
+        for k in range(4):
+            if engine == "tf":
+                out = [a.numpy() for a in utils.engine_tf.cutmix(x, y, w, tf.constant([k, 9], "int64"), 1.0)]
+            else:
+                out = utils.engine_numpy.cutmix_arrays(x, y, w, np.random.default_rng([k, 9]), 1.0)
+            mixed, t, weight = out
+            partner, share, off = blend_partners(x, mixed)
+            moved = partner >= 0
+            assert moved.sum() >= n // 2 and np.all(off < 1e-3), "an image is not a blend of two photos"
+            a = np.median(share[moved])
+            assert 0 < a < 1 and np.allclose(share[moved], a, atol=1e-3), "the share differs within the batch"
+            expected = np.where(moved[:, None], (1 - a) * y + a * y[partner], y)
+            assert np.allclose(t, expected, atol=1e-3) and np.allclose(weight, 1)
+            shares.append(a)
+    assert len(set(np.round(shares, 3))) == 4, "the share does not change from batch to batch"
+
+
 def test_alternating_flips_show_each_image_both_ways_in_every_two_epochs_in_both_engines(photos):
     import utils.augment
 

@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from utils import warps
 from utils.backend import import_keras
 from utils.warps import AUGMENTATION, warp_transforms
 
@@ -59,7 +60,8 @@ def warp_arrays(images, transforms):
 
 
 def cutmix_arrays(images, y, w, rng, share):
-    """cutmix in NumPy: one box of each image replaced by the same box of another on a share of the batches."""
+    """cutmix in NumPy: one box of each image replaced by the same box of another on a share of the batches
+    (warps.MIX "mixup": the whole other image blended in)."""
     n, h, wd = images.shape[:3]
     cut = np.sqrt(rng.uniform())
     bh, bw = int(cut * h), int(cut * wd)
@@ -71,8 +73,12 @@ def cutmix_arrays(images, y, w, rng, share):
     rows = slice(max(cy - bh // 2, 0), min(cy + bh - bh // 2, h))
     cols = slice(max(cx - bw // 2, 0), min(cx + bw - bw // 2, wd))
     area = (rows.stop - rows.start) * (cols.stop - cols.start) / (h * wd)
-    images = images.copy()
-    images[:, rows, cols] = images[other, rows, cols]
+    if warps.MIX == "mixup":  # the whole other image, blended in by the box's area instead
+        area = cut * cut
+        images = ((1 - area) * images + area * images[other]).astype(images.dtype)
+    else:
+        images = images.copy()
+        images[:, rows, cols] = images[other, rows, cols]
     y = (1 - area) * y + area * y[other]
     return (images, y) if w is None else (images, y, ((1 - area) * w + area * w[other]).astype("float32"))
 

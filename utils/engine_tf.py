@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from utils import warps
 from utils.images import DiskImages
 from utils.warps import AUGMENTATION, warp_transforms
 
@@ -57,7 +58,7 @@ def cutmix(images, y, w, seed, share):
     """CutMix (Yun et al., 2019) on a share of the batches: a random box of each image is replaced by the same
     box of another image of the batch, and targets and weights are mixed by the area of the box (drawn
     uniformly: Beta(1, 1)). The network must then use the whole picture, not the one part that gives the
-    class away, which keeps a small training split from being learned by heart."""
+    class away, which keeps a small training split from being learned by heart. (warps.MIX "mixup": Mixup.)"""
     import tensorflow as tf
 
     s = tf.random.experimental.stateless_split(seed, 5)
@@ -70,6 +71,8 @@ def cutmix(images, y, w, seed, share):
     inside_rows = (rows >= cy - bh // 2) & (rows < cy + bh - bh // 2)
     inside_cols = (cols >= cx - bw // 2) & (cols < cx + bw - bw // 2)
     mask = tf.cast(inside_rows[:, None] & inside_cols[None, :], "float32")[:, :, None]
+    if warps.MIX == "mixup":  # the whole other image, blended in by the box's area instead
+        mask = tf.fill([1, 1, 1], cut * cut)
     mask *= tf.cast(tf.random.stateless_uniform([], s[3]) < share, "float32")  # this batch, or not
     area = tf.reduce_mean(mask)
     other = tf.argsort(tf.random.stateless_uniform([n], s[4]))

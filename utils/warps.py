@@ -14,6 +14,10 @@ AUGMENTATION = dict(
     fill_mode="nearest",
 )
 
+# How the batches --cutmix picks are mixed: "cutmix" pastes a box of another image of the batch; "mixup"
+# (Zhang et al., 2018, a lever of benchmarks/levers.py) blends the whole other image in instead. Either
+# way the other image's share is drawn uniformly, and the targets mix by that share.
+MIX = "cutmix"
 
 # Progressive resizing's sizes climb from half the final size in steps of SIZE_STEP pixels (64, 96 and
 # 128 before 160), each for a share of the progressive epochs in proportion to its side to the power
