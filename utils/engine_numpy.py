@@ -68,15 +68,16 @@ def cutmix_arrays(images, y, w, rng, share):
     cy, cx = int(rng.integers(0, h)), int(rng.integers(0, wd))
     mix = rng.uniform() < share
     other = rng.permutation(n)
-    if not mix or not bh or not bw:
+    mixup = warps.MIX == "mixup"  # the whole other image, blended in by a share drawn as the box's area is
+    if not mix or not (mixup or bh and bw):  # not this batch, or a box of no pixels
         return (images, y) if w is None else (images, y, w)
-    rows = slice(max(cy - bh // 2, 0), min(cy + bh - bh // 2, h))
-    cols = slice(max(cx - bw // 2, 0), min(cx + bw - bw // 2, wd))
-    area = (rows.stop - rows.start) * (cols.stop - cols.start) / (h * wd)
-    if warps.MIX == "mixup":  # the whole other image, blended in by the box's area instead
+    if mixup:
         area = cut * cut
         images = ((1 - area) * images + area * images[other]).astype(images.dtype)
     else:
+        rows = slice(max(cy - bh // 2, 0), min(cy + bh - bh // 2, h))
+        cols = slice(max(cx - bw // 2, 0), min(cx + bw - bw // 2, wd))
+        area = (rows.stop - rows.start) * (cols.stop - cols.start) / (h * wd)
         images = images.copy()
         images[:, rows, cols] = images[other, rows, cols]
     y = (1 - area) * y + area * y[other]

@@ -71,7 +71,7 @@ def cutmix(images, y, w, seed, share):
     inside_rows = (rows >= cy - bh // 2) & (rows < cy + bh - bh // 2)
     inside_cols = (cols >= cx - bw // 2) & (cols < cx + bw - bw // 2)
     mask = tf.cast(inside_rows[:, None] & inside_cols[None, :], "float32")[:, :, None]
-    if warps.MIX == "mixup":  # the whole other image, blended in by the box's area instead
+    if warps.MIX == "mixup":  # the whole other image, blended in by a share drawn as the box's area is
         mask = tf.fill([1, 1, 1], cut * cut)
     mask *= tf.cast(tf.random.stateless_uniform([], s[3]) < share, "float32")  # this batch, or not
     area = tf.reduce_mean(mask)
