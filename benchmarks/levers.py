@@ -48,6 +48,15 @@ LEVERS = {
     # where they are small; "narrow-stem" narrows only the first two, "airbench-widths" also widens blocks 3-4
     "narrow-stem": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]}),
     "airbench-widths": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 192, 384]}),
+    # the two savings together: the narrow stem's cheaper epochs with schedule-25's early 128 px phase
+    "narrow-schedule-25": (
+        ["--epochs", "25", "--progressive", "0.68"],
+        {STEP: 64, POWER: 1.5, "utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]},
+    ),
+    # a skip around each block's second convolution (relu1 + relu2), and with it stochastic depth: that
+    # convolution's branch dropped for a tenth of the photos
+    "residual": ([], {"utils.model.RESIDUAL": True}),
+    "residual-drop-path-0.1": ([], {"utils.model.RESIDUAL": True, "utils.model.DROP_PATH": 0.1}),
     "mixup": ([], {"utils.warps.MIX": "mixup"}),  # the --cutmix batches blend whole photos (Mixup) instead
     "dirac-init": ([], {OPTIMIZER: "rmsprop", DIRAC: True}),
     "muon": ([], {OPTIMIZER: "muon", DIRAC: False}),

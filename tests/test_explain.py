@@ -23,35 +23,37 @@ def layercam_by_gradients(model, images, output):
     by place."""
     import tensorflow as tf
 
+    from utils.backend import import_keras
+
+    keras = import_keras()
+
     dense = model.layers[-2]
     layer = [layer.name for layer in model.layers if layer.name.endswith("_pool")][-2]
+    features = model.get_layer(layer).output
+    front, back = keras.Model(model.input, features), keras.Model(features, dense.input)  # either side of A
+    features = front(tf.constant(images, tf.float32), training=False)
     with tf.GradientTape() as tape:
-        x = tf.constant(images, tf.float32)
-        for step in model.layers[1:]:
-            if step is dense:
-                logits = tf.matmul(x, dense.kernel) + dense.bias
-                score = logits[:, output] if logits.shape[1] > 1 else (2 * output - 1) * logits[:, 0]
-                break
-            x = step(x, training=False)
-            if step.name == layer:
-                tape.watch(x)
-                features = x
+        tape.watch(features)
+        logits = tf.matmul(back(features, training=False), dense.kernel) + dense.bias
+        score = logits[:, output] if logits.shape[1] > 1 else (2 * output - 1) * logits[:, 0]
     gradient = tf.nn.relu(tape.gradient(score, features))
     return tf.reduce_sum(gradient * features, axis=-1).numpy()
 
 
-@pytest.mark.parametrize(("size", "classes"), [(64, 2), (120, 5)])
-def test_closed_form_maps_equal_layercam_by_gradients(size, classes):
+@pytest.mark.parametrize(("size", "classes", "residual"), [(64, 2, False), (120, 5, False), (64, 2, True)])
+def test_closed_form_maps_equal_layercam_by_gradients(size, classes, residual, monkeypatch):
     """The maps inside both model files are LayerCAM of each photo's predicted class exactly, for a sigmoid
-    and a softmax head, and for a size whose last block has an odd side (120 px: 7 x 7, whose last row and
-    column the pool drops)."""
+    and a softmax head, for a size whose last block has an odd side (120 px: 7 x 7, whose last row and
+    column the pool drops), and for blocks with a skip around their second convolution (utils.model.RESIDUAL)."""
     from utils.backend import import_keras
     from utils.explain import explaining_model
     from utils.model import build_model
 
+    monkeypatch.setattr("utils.model.RESIDUAL", residual)
     import_keras().utils.set_random_seed(size)  # the same weights every run: a failure can be run again
     rng = np.random.default_rng(size)
     model = build_model(size, [f"class {i}" for i in range(classes)], widths=(8, 16, 16, 32), stem=8)
+    assert any(layer.name.endswith("_add") for layer in model.layers) == residual
     for layer in model.layers:  # BatchNorm with statistics of its own, so its scale is part of the check
         if "_bn" in layer.name:
             gamma, beta, mean, var = layer.get_weights()

@@ -147,6 +147,28 @@ def test_the_layout_levers_reach_the_model_train_py_builds_and_the_whitened_stem
     assert utils.model.whitening_kernel(images).shape == (3, 3, 3, 16)
 
 
+def test_stochastic_depth_drops_the_second_branch_of_whole_photos_in_training_only(monkeypatch):
+    import levers
+
+    import utils.model
+
+    for setting, value in levers.LEVERS["residual-drop-path-0.1"][1].items():
+        monkeypatch.setattr(utils.model, setting.rsplit(".", 1)[1], value)
+    monkeypatch.setattr(utils.model, "DROP_PATH", 0.5)  # half the photos, so both outcomes show in 64
+    keras = utils.model.import_keras()
+    keras.utils.set_random_seed(0)
+    model = utils.model.build_model(32, ("a", "b"), widths=(8, 8, 8, 8), stem=8)
+    branch, dropped = (model.get_layer(f"block2_{name}").output for name in ("relu2", "drop_path"))
+    assert model.get_layer("block2_add").input[1] is dropped, "the dropped branch should be what the skip adds"
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype("float32")
+    x, kept = (np.asarray(t) for t in keras.Model(model.input, [branch, dropped])(images, training=True))
+    zero = ~kept.reshape(64, -1).any(axis=1)  # photos whose whole branch was dropped
+    assert 10 < zero.sum() < 54, f"{zero.sum()} of 64 photos dropped at a rate of 0.5"
+    assert np.allclose(kept[~zero], x[~zero] / 0.5, rtol=1e-5), "a kept branch is scaled by 1 / (1 - rate)"
+    x, kept = (np.asarray(t) for t in keras.Model(model.input, [branch, dropped])(images, training=False))
+    assert np.array_equal(kept, x), "at inference nothing is dropped"
+
+
 @pytest.mark.parametrize("d", [3, -3])
 def test_tta_views_shift_by_whole_pixels_and_reflect_the_edge(d):
     from tta_views import shifted

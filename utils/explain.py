@@ -12,10 +12,11 @@ from utils.files import UserError
 # Where the model looked: LayerCAM (Jiang et al., 2021) at the input of the last block (the block
 # before it, after its max pool), a 10 x 10 grid at 160 px. LayerCAM weights each place's features by
 # that place's positive gradient of the class score. The gradient is written out in closed form from the
-# layers after the features (two convolutions with BatchNorm and ReLU, max pool, average, dense) as
-# forward operations, so the same graph runs inside the .keras model and inside the LiteRT file, with no
-# gradient code and no TensorFlow at prediction. It finds the animal more often than Grad-CAM at any
-# layer of these networks (benchmarks/gradcam_layers.py; benchmarks/pointing_game.py scores the result).
+# layers after the features (two convolutions with BatchNorm and ReLU, the skip around the second where
+# utils.model.RESIDUAL puts one, max pool, average, dense) as forward operations, so the same graph runs
+# inside the .keras model and inside the LiteRT file, with no gradient code and no TensorFlow at prediction.
+# It finds the animal more often than Grad-CAM at any layer of these networks (benchmarks/gradcam_layers.py;
+# benchmarks/pointing_game.py scores the result).
 
 
 def backward_kernel(conv, bn):
@@ -41,6 +42,7 @@ def explaining_model(model):
     head = np.concatenate([-head, head], axis=1) if head.shape[1] == 1 else head  # one sigmoid unit: both classes
     features = model.get_layer(f"{blocks[-2]}_pool").output  # A: h x w x c, the maps that get explained
     relu1, relu2 = (model.get_layer(f"{block}_relu{i}").output for i in (1, 2))
+    residual = any(layer.name == f"{block}_add" for layer in model.layers)  # pooled: relu1 + relu2
     pooled = model.get_layer(f"{block}_pool").output
     convs = [(model.get_layer(f"{block}_conv{i}"), model.get_layer(f"{block}_bn{i}")) for i in (1, 2)]
     back1, back2 = (backward_kernel(conv, bn) for conv, bn in convs)
@@ -51,14 +53,17 @@ def explaining_model(model):
         probs, a, r1, r2, p = tensors
         probs = ops.concatenate([1 - probs, probs], axis=1) if probs.shape[1] == 1 else probs
         chosen = ops.cast(ops.equal(probs, ops.max(probs, axis=1, keepdims=True)), "float32")  # predicted, one-hot
-        # The score's gradient at the second ReLU: the class's dense weights / (ph pw) where a unit is the
-        # maximum of its pool window and positive, 0 elsewhere (an odd last row or column is not pooled).
+        # The score's gradient at the pool's input (relu2, or relu1 + relu2 with a skip): the class's dense
+        # weights / (ph pw) where a unit is the maximum of its pool window, 0 elsewhere (an odd last row or
+        # column is not pooled).
         up = ops.repeat(ops.repeat(p, 2, axis=1), 2, axis=2)
-        r2 = r2[:, : 2 * ph, : 2 * pw]
-        routed = ops.cast(ops.logical_and(ops.equal(r2, up), ops.greater(r2, 0.0)), "float32")
+        pooling = (r1 + r2 if residual else r2)[:, : 2 * ph, : 2 * pw]
+        routed = ops.cast(ops.equal(pooling, up), "float32")
         routed = ops.pad(routed, [[0, 0], [0, h - 2 * ph], [0, w - 2 * pw], [0, 0]]) / (ph * pw)
-        g = routed * ops.matmul(chosen, head.T)[:, None, None, :]
+        g_pool = routed * ops.matmul(chosen, head.T)[:, None, None, :]
+        g = g_pool * ops.cast(ops.greater(r2, 0.0), "float32")  # the second ReLU
         g = ops.conv(g, back2, padding="same")  # back through the second convolution and its BatchNorm
+        g = g + g_pool if residual else g  # and along the skip
         g = g * ops.cast(ops.greater(r1, 0.0), "float32")  # the first ReLU
         g = ops.conv(g, back1, padding="same")  # and the first convolution: the gradient at A
         cam = ops.sum(ops.relu(g) * a, axis=-1)  # LayerCAM: each place's features times its positive gradient

@@ -16,6 +16,9 @@ OPTIMIZER = dict(name="muon", momentum=0.9, weight_decay=5e-4)
 DIRAC_INIT = True  # airbench's identity start for the blocks' convolutions (see dirac_init)
 WHITEN_STEM = False  # airbench's frozen patch-whitening stem (see whitening_kernel): a lever, off
 STEM, STEM_STRIDE = 32, 2  # the stem convolution's filters and stride
+# A skip around each block's second convolution, so the block's output is relu1 + relu2 (a lever, off), and
+# the share of training photos for which that second branch is dropped (stochastic depth; 0: never)
+RESIDUAL, DROP_PATH = False, 0.0
 
 
 def build_model(
@@ -48,9 +51,14 @@ def build_model(
     x = layers.ReLU(name="stem_relu")(x)
     for i, width in enumerate(widths, 1):
         for j in (1, 2):
+            skip = x  # the second convolution's input: relu1
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
             x = layers.BatchNormalization(momentum=bn_momentum, name=f"block{i}_bn{j}")(x)
             x = layers.ReLU(name=f"block{i}_relu{j}")(x)
+        if RESIDUAL:  # read when the model is built, as benchmarks/levers.py sets it
+            if DROP_PATH:  # the whole branch, photo by photo, scaled up by 1 / (1 - DROP_PATH) when kept
+                x = layers.Dropout(DROP_PATH, noise_shape=(None, 1, 1, 1), name=f"block{i}_drop_path")(x)
+            x = layers.Add(name=f"block{i}_add")([skip, x])
         x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
         x = layers.Dropout(block_dropout, name=f"block{i}_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="average")(x)
