@@ -48,11 +48,6 @@ LEVERS = {
     # where they are small; "narrow-stem" narrows only the first two, "airbench-widths" also widens blocks 3-4
     "narrow-stem": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]}),
     "airbench-widths": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 192, 384]}),
-    # the two savings together: the narrow stem's cheaper epochs with schedule-25's early 128 px phase
-    "narrow-schedule-25": (
-        ["--epochs", "25", "--progressive", "0.68"],
-        {STEP: 64, POWER: 1.5, "utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]},
-    ),
     # a skip around each block's second convolution (relu1 + relu2), and with it stochastic depth: that
     # convolution's branch dropped for a tenth of the photos
     "residual": ([], {"utils.model.RESIDUAL": True}),
@@ -66,6 +61,8 @@ LEVERS = {
         for rate in ("0.02", "0.05", "0.1", "0.2")
     },
 }
+# the two savings together: the narrow stem's cheaper epochs with schedule-25's early 128 px phase
+LEVERS["narrow-schedule-25"] = (LEVERS["schedule-25"][0], {**LEVERS["schedule-25"][1], **LEVERS["narrow-stem"][1]})
 
 
 def apply(setting, value):
