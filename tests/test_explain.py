@@ -77,6 +77,35 @@ def test_closed_form_maps_equal_layercam_by_gradients(size, classes, residual, m
         assert not np.delete(maps[i], label, axis=-1).any()
 
 
+def test_two_tied_classes_get_one_map_the_first_as_argmax_labels_it_in_both_files(tmp_path):
+    """Two classes with the same weights tie in every photo: the map is the first one's, the class np.argmax
+    names, not the sum of both, in the model and in its LiteRT file (which must stay built-in ops only)."""
+    from utils.backend import import_keras
+    from utils.explain import explaining_model
+    from utils.export import export_litert
+    from utils.model import build_model
+    from utils.runtime import load_model
+
+    import_keras().utils.set_random_seed(0)
+    model = build_model(64, ["a", "b", "c"], widths=(8, 16, 16, 32), stem=8)
+    dense = model.layers[-2]
+    kernel = np.asarray(dense.kernel)
+    dense.kernel.assign(np.concatenate([kernel[:, :1], kernel[:, :1], kernel[:, 2:]], axis=1))  # b is a again
+    dense.bias.assign(np.array([0.0, 0.0, -50.0], "float32"))
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3)).astype("uint8")
+    probs, maps = (np.asarray(t) for t in explaining_model(model)(images.astype("float32"), training=False))
+    assert np.array_equal(probs[:, 0], probs[:, 1]) and (np.argmax(probs, axis=1) == 0).all()
+    for i in range(len(images)):
+        expected = layercam_by_gradients(model, images[i : i + 1].astype("float32"), 0)[0]
+        assert np.abs(expected).max() > 1e-6, "a map of zeros would agree with anything"
+        assert np.abs(maps[i, ..., 0] - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert not maps[i, ..., 1:].any(), "a tied class got a map too"
+    export_litert(model, tmp_path / "tied.tflite")
+    _, lite = load_model(tmp_path / "tied.tflite", explain=True).explain(images)
+    lite = np.asarray(lite)
+    assert not lite[..., 1:].any() and np.abs(lite[..., 0] - maps[..., 0]).max() <= 1e-4 * np.abs(maps).max()
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from utils.runtime import load_model

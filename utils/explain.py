@@ -52,7 +52,9 @@ def explaining_model(model):
     def class_maps(tensors):
         probs, a, r1, r2, p = tensors
         probs = ops.concatenate([1 - probs, probs], axis=1) if probs.shape[1] == 1 else probs
-        chosen = ops.cast(ops.equal(probs, ops.max(probs, axis=1, keepdims=True)), "float32")  # predicted, one-hot
+        # The predicted class, one-hot: the first maximum, the label np.argmax gives (a tie marks one class, not two)
+        top = ops.cast(ops.equal(probs, ops.max(probs, axis=1, keepdims=True)), "float32")
+        chosen = top * ops.cast(ops.equal(ops.cumsum(top, axis=1), 1.0), "float32")
         # The score's gradient at the pool's input (relu2, or relu1 + relu2 with a skip): the class's dense
         # weights / (ph pw) where a unit is the maximum of its pool window, 0 elsewhere (an odd last row or
         # column is not pooled).
