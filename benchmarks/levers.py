@@ -6,7 +6,8 @@
 A lever is a set of train.py flags, or of settings in utils (such as utils.warps.AUGMENTATION), that the
 default does not use (LEVERS). Each run gets the same --short flags and --seed; the runs go one after the
 other, and the table gives each one's best validation and test accuracy (the test photo and its mirror, and
-the photo alone) and seconds from start. A run already finished in --out is read, not trained again.
+the photo alone) and seconds from start. A run already finished in --out is read, not trained again (so once the
+default changes, give the new runs another --out).
 """
 
 import argparse
@@ -23,7 +24,8 @@ from utils.backend import cpu_model  # noqa: E402
 from utils.config import DATA_DIR  # noqa: E402
 
 # name: (train.py flags, {utils setting: value}). The levers of the optimizer set the start as well, as they
-# were measured (the default is "muon-dirac"); every other lever changes the default by one thing.
+# were measured (the default is "muon-dirac"); every other lever changes the default by one thing,
+# except "earlier-default" (the earlier default: both of the earlier parts below).
 OPTIMIZER, DIRAC = "utils.model.OPTIMIZER[name]", "utils.model.DIRAC_INIT"
 STEP, POWER = "utils.warps.SIZE_STEP", "utils.warps.PHASE_POWER"
 LEVERS = {
@@ -37,17 +39,13 @@ LEVERS = {
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
     "ema-0.997": (["--ema", "0.997"], {}),  # weights averaged over about one cats-and-dogs epoch, not 100 steps
     "width-1.5": (["--width", "1.5"], {}),  # every block 1.5 times as wide
-    "size-step-64": ([], {STEP: 64}),  # progressive sizes 64 and 128 (11 and 10 epochs) before 160
-    # 64 px for 6 epochs, 128 px for 13, 160 px for 8: sooner at 128 px, as costly (the cats-and-dogs split's
-    # 27 epochs; its recipe would give the flowers 81)
-    "schedule-27": (["--epochs", "27"], {STEP: 64, POWER: 1}),
-    # 4 epochs at 64 px, 13 at 128, 8 at 160: the 64 px phase shorter still (its validation stops rising by epoch 6)
-    "schedule-25": (["--epochs", "25", "--progressive", "0.68"], {STEP: 64, POWER: 1.5}),
+    # The earlier default's two parts, which today's replaced: its schedule (the cats-and-dogs split's 30
+    # epochs, 7 each at 64, 96 and 128 px, then 9 at 160) and its stem and first block at 32 filters, not 16.
+    # (benchmarks/speedrun.md measured today's two parts as the levers "schedule-25" and "narrow-stem".)
+    "earlier-schedule": (["--epochs", "30", "--progressive", "0.7"], {STEP: 32, POWER: 0}),
+    "wide-stem": ([], {"utils.model.STEM": 32, "utils.model.WIDTHS": [32, 64, 128, 256]}),
     "whiten-stem": ([], {"utils.model.WHITEN_STEM": True}),  # airbench's frozen patch-whitening stem
-    # airbench's layout: less width where the maps are large (the stem and block 1, 16 filters, not 32), more
-    # where they are small; "narrow-stem" narrows only the first two, "airbench-widths" also widens blocks 3-4
-    "narrow-stem": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 128, 256]}),
-    "airbench-widths": ([], {"utils.model.STEM": 16, "utils.model.WIDTHS": [16, 64, 192, 384]}),
+    "airbench-widths": ([], {"utils.model.WIDTHS": [16, 64, 192, 384]}),  # blocks 3 and 4 wider, as airbench's
     # a skip around each block's second convolution (relu1 + relu2), and with it stochastic depth: that
     # convolution's branch dropped for a tenth of the photos
     "residual": ([], {"utils.model.RESIDUAL": True}),
@@ -61,8 +59,7 @@ LEVERS = {
         for rate in ("0.02", "0.05", "0.1", "0.2")
     },
 }
-# the two savings together: the narrow stem's cheaper epochs with schedule-25's early 128 px phase
-LEVERS["narrow-schedule-25"] = (LEVERS["schedule-25"][0], {**LEVERS["schedule-25"][1], **LEVERS["narrow-stem"][1]})
+LEVERS["earlier-default"] = (LEVERS["earlier-schedule"][0], {**LEVERS["earlier-schedule"][1], **LEVERS["wide-stem"][1]})
 
 
 def apply(setting, value):

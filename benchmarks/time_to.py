@@ -4,7 +4,7 @@ epochs, on one machine, in one command.
     python benchmarks/time_to.py --data data/processed
     python benchmarks/time_to.py --target 0.96 --cap 1.0
     python benchmarks/time_to.py --variant "--batch-size 32" --variant "--learning-rate 4e-3"
-    python benchmarks/time_to.py --lever muon-dirac --lever "schedule-25 --seed 7"
+    python benchmarks/time_to.py --lever muon-dirac --lever "wide-stem --seed 7"
 
 1. Runs one epoch of the notebook's pipeline (baseline.py: 150 px, its augmentation and CNN,
    batch 100) on the full split and takes 15 times its wall time: the baseline's 15 epochs.
@@ -89,7 +89,7 @@ def default_to(target, data, out, limit, flags=(), lever=None):
 
 def runs_to_time(default, variants, levers):
     """(name, extra train.py flags, lever or None) of each run: the default, each variant, each lever (its name,
-    then any extra flags: "schedule-25 --seed 7")."""
+    then any extra flags: "wide-stem --seed 7")."""
     runs = [("default", [], None)] if default else []
     return runs + [(v, v.split(), None) for v in variants] + [(lv, lv.split()[1:], lv.split()[0]) for lv in levers]
 
@@ -105,7 +105,7 @@ def main():
         "--lever",
         action="append",
         default=[],
-        help="a lever of benchmarks/levers.py to time, then any train.py flags: 'schedule-25 --seed 7' (repeatable)",
+        help="a lever of benchmarks/levers.py to time, then any train.py flags: 'wide-stem --seed 7' (repeatable)",
     )
     p.add_argument("--baseline-seconds", type=float, help="one baseline epoch measured earlier on this machine")
     p.add_argument(

@@ -157,11 +157,14 @@ def test_progressive_sizes_climb_from_half_the_final_size_each_for_its_share_of_
     assert utils.warps.image_sizes(160, 5, 0) == [160] * 5
 
 
-def test_the_default_schedule_and_the_lever_schedule_27_as_measured(monkeypatch):
-    assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 7 + [96] * 7 + [128] * 7 + [160] * 9
-    monkeypatch.setattr(utils.warps, "SIZE_STEP", 64)
-    assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 11 + [128] * 10 + [160] * 9  # size-step-64
-    monkeypatch.setattr(utils.warps, "PHASE_POWER", 1)
+def test_the_default_schedule_and_the_earlier_ones_as_measured(monkeypatch):
+    import train
+
+    epochs, share = train.REFERENCE_EPOCHS, train.parse_args([]).progressive  # the cats-and-dogs split's
+    assert utils.warps.image_sizes(160, epochs, share) == [64] * 4 + [128] * 13 + [160] * 8
+    monkeypatch.setattr(utils.warps, "PHASE_POWER", 1)  # schedule-27
     assert utils.warps.image_sizes(160, 27, 0.7) == [64] * 6 + [128] * 13 + [160] * 8
-    monkeypatch.setattr(utils.warps, "PHASE_POWER", 1.5)  # schedule-25
-    assert utils.warps.image_sizes(160, 25, 0.68) == [64] * 4 + [128] * 13 + [160] * 8
+    monkeypatch.setattr(utils.warps, "PHASE_POWER", 0)  # size-step-64
+    assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 11 + [128] * 10 + [160] * 9
+    monkeypatch.setattr(utils.warps, "SIZE_STEP", 32)  # the earlier default (levers.py's earlier-schedule)
+    assert utils.warps.image_sizes(160, 30, 0.7) == [64] * 7 + [96] * 7 + [128] * 7 + [160] * 9

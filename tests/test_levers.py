@@ -82,14 +82,14 @@ def test_the_whitening_stem_decorrelates_real_photos_patches_and_stays_frozen_wh
 
     jpegs = [j for photos in flower_photos(flowers_zip, 3).values() for j in photos]
     images = np.stack([np.asarray(Image.open(io.BytesIO(j)).convert("RGB").resize((33, 33))) for j in jpegs])
-    kernel = utils.model.whitening_kernel(images)
-    assert kernel.shape == (3, 3, 3, 32) and np.array_equal(kernel[..., 16:], -kernel[..., :16])
-    # the stem's convolution of the photos: its first 16 channels are uncorrelated, each of variance below 1 and
-    # falling (lambda / (lambda + eps) for the 16 largest eigenvalues lambda of the patches' second moment)
-    conv = keras.layers.Conv2D(32, 3, strides=2, use_bias=False)
+    kernel, half = utils.model.whitening_kernel(images), utils.model.STEM // 2
+    assert kernel.shape == (3, 3, 3, 2 * half) and np.array_equal(kernel[..., half:], -kernel[..., :half])
+    # the stem's convolution of the photos: its first half of channels are uncorrelated, each of variance below
+    # 1 and falling (lambda / (lambda + eps) for the largest eigenvalues lambda of the patches' second moment)
+    conv = keras.layers.Conv2D(2 * half, 3, strides=2, use_bias=False)
     conv.build((None, 33, 33, 3))
     conv.set_weights([kernel])
-    out = np.asarray(conv(images.astype("float32") / 255)).reshape(-1, 32)[:, :16]
+    out = np.asarray(conv(images.astype("float32") / 255)).reshape(-1, 2 * half)[:, :half]
     moment = out.T @ out / len(out)
     assert np.abs(moment - np.diag(np.diag(moment))).max() < 1e-3, "the channels are correlated: patches misread"
     assert 0.5 < np.diag(moment)[0] < 1 and np.all(np.diff(np.diag(moment)) <= 1e-6)
@@ -138,13 +138,13 @@ def test_the_layout_levers_reach_the_model_train_py_builds_and_the_whitened_stem
 
     import utils.model
 
-    for setting, value in levers.LEVERS["narrow-stem"][1].items():
+    for setting, value in levers.LEVERS["wide-stem"][1].items():
         monkeypatch.setattr(utils.model, setting.rsplit(".", 1)[1], value)  # as levers.apply sets it
     model = utils.model.build_model(32, ("a", "b"), widths=utils.model.widths(0.5))  # as train.py builds it
     filters = [model.get_layer(name).filters for name in ("stem_conv", "block1_conv1", "block2_conv1", "block4_conv2")]
-    assert filters == [16, 8, 32, 128], "a layout lever set in utils.model does not reach the model"
+    assert filters == [32, 16, 32, 128], "a layout lever set in utils.model does not reach the model"
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    assert utils.model.whitening_kernel(images).shape == (3, 3, 3, 16)
+    assert utils.model.whitening_kernel(images).shape == (3, 3, 3, 32)
 
 
 def test_stochastic_depth_drops_the_second_branch_of_whole_photos_in_training_only(monkeypatch):
@@ -204,11 +204,11 @@ def test_time_to_counts_the_exact_accuracy_not_the_rounded_progress_line(tmp_pat
     monkeypatch.setattr(time_to, "ROOT", tmp_path)
     seconds, epoch = time_to.default_to(0.96, tmp_path / "data", tmp_path / "run", limit=60)
     assert epoch == 2 and seconds < 30
-    runs = time_to.runs_to_time(False, ["--batch-size 32"], ["schedule-25", "schedule-25 --seed 7"])
+    runs = time_to.runs_to_time(False, ["--batch-size 32"], ["wide-stem", "wide-stem --seed 7"])
     assert runs == [
         ("--batch-size 32", ["--batch-size", "32"], None),
-        ("schedule-25", [], "schedule-25"),
-        ("schedule-25 --seed 7", ["--seed", "7"], "schedule-25"),  # the lever's run at another seed
+        ("wide-stem", [], "wide-stem"),
+        ("wide-stem --seed 7", ["--seed", "7"], "wide-stem"),  # the lever's run at another seed
     ]
 
 
@@ -227,12 +227,13 @@ def test_a_lever_run_gives_train_py_the_lever_flags_and_settings_then_the_caller
     monkeypatch.setattr(runpy, "run_path", fake_train)
     monkeypatch.setattr(utils.warps, "SIZE_STEP", utils.warps.SIZE_STEP)
     monkeypatch.setattr(utils.warps, "PHASE_POWER", utils.warps.PHASE_POWER)
-    monkeypatch.setattr(sys, "argv", ["levers.py", "--train", "schedule-25", "--", "--out", "o", "--epochs", "3"])
+    argv = ["levers.py", "--train", "earlier-schedule", "--", "--out", "o", "--epochs", "3"]
+    monkeypatch.setattr(sys, "argv", argv)
     levers.main()
     assert seen == {
-        "argv": ["--epochs", "25", "--progressive", "0.68", "--out", "o", "--epochs", "3"],
-        "step": 64,
-        "power": 1.5,
+        "argv": ["--epochs", "30", "--progressive", "0.7", "--out", "o", "--epochs", "3"],
+        "step": 32,
+        "power": 0,
     }
     import train
 

@@ -13,7 +13,9 @@ MICROSOFT_URL = (
 )
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 160  # pixels per side of the finished model (train.py --image-size)
-WIDTHS = (32, 64, 128, 256)  # filters of the network's four blocks (train.py --width scales them)
+# Filters of the network's four blocks (train.py --width scales them): airbench's layout, fewer where the
+# maps are large (the first block, at 80 x 80 on 160 px photos), so its epochs cost less (benchmarks/speedrun.md)
+WIDTHS = (16, 64, 128, 256)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 DATA_DIR = Path("data/processed")  # the split prepare_data.py writes and train.py reads

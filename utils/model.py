@@ -15,7 +15,7 @@ from utils.config import IMAGE_SIZE, LABELS_FILE, LITERT_FILE, MICROSOFT_CLASSES
 OPTIMIZER = dict(name="muon", momentum=0.9, weight_decay=5e-4)
 DIRAC_INIT = True  # airbench's identity start for the blocks' convolutions (see dirac_init)
 WHITEN_STEM = False  # airbench's frozen patch-whitening stem (see whitening_kernel): a lever, off
-STEM, STEM_STRIDE = 32, 2  # the stem convolution's filters and stride
+STEM, STEM_STRIDE = 16, 2  # the stem convolution's filters and stride (narrow, as the first block)
 # A skip around each block's second convolution, so the block's output is relu1 + relu2 (a lever, off), and
 # the share of training photos for which that second branch is dropped (stochastic depth; 0: never)
 RESIDUAL, DROP_PATH = False, 0.0
@@ -32,7 +32,7 @@ def build_model(
 ):
     """The CNN: a strided Conv stem, then blocks of two Conv/BatchNorm/ReLU, MaxPool and Dropout,
     global average pooling, Dropout and the classifier: one sigmoid unit (the probability of the second
-    class) for two classes, a softmax over N classes for more (1.18 M parameters by default). Its last
+    class) for two classes, a softmax over N classes for more (1.16 M parameters by default). Its last
     layer, ClassNames, carries the names of the classes in output order.
 
     image_size None builds a fully convolutional model that takes any size (progressive resizing
