@@ -231,7 +231,7 @@ def test_a_lever_run_gives_train_py_the_lever_flags_and_settings_then_the_caller
     monkeypatch.setattr(sys, "argv", argv)
     levers.main()
     assert seen == {
-        "argv": ["--epochs", "30", "--progressive", "0.7", "--out", "o", "--epochs", "3"],
+        "argv": ["--progressive", "0.7", "--out", "o", "--epochs", "3"],
         "step": 32,
         "power": 0,
     }
