@@ -13,7 +13,8 @@
              then decayed along a cosine; label smoothing; a moving average of the weights.
 4. batches:  shuffled and augmented training batches (utils.augment: one random warp per image and CutMix);
              progressive resizing trains the early epochs on smaller, cheaper images.
-5. fit:      each epoch validated with the averaged weights; the best epoch kept; kill -9 safe (--resume).
+5. fit:      each epoch validated with the averaged weights; the best epoch at the final size kept; kill -9
+             safe (--resume).
 6. evaluate: the best weights in float32 at the final size on the test split, each photo averaged with its
              mirror, as predict.py does.
 7. save:     .keras and its LiteRT copy .tflite (both carry the class names and heat maps), labels.txt,
@@ -279,7 +280,7 @@ def evaluate_and_save(out, model, work, class_names, test, run, width, litert):
     backend than TensorFlow); the unfinished run's files go."""
     x_test, y_test, test_paths = test
     log = read_log(work / "log.csv")
-    model.load_weights(best_file(work))
+    model.load_weights(best_file(work, run["image_size"]))
     import_keras().mixed_precision.set_global_policy("float32")
     final = build_model(run["image_size"], class_names, widths=widths(width))
     final.set_weights(model.get_weights())

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT, TINY, call, run
 from utils.config import LITERT_FILE, MODEL_FILE
+from utils.evaluate import best_epoch
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,14 @@ def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, t
     rates = history["learning_rate"]
     assert rates == sorted(rates, reverse=True) and len(set(rates)) == 3
     assert (out / MODEL_FILE).read_bytes() != previous
+    # epochs 1-2 trained at 32 px: only epoch 3 was validated at the size the test runs at
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 3
+
+
+def test_best_epoch_is_the_best_at_the_final_size_and_the_later_of_a_tie():
+    log = [{"val_accuracy": a, "image_size": s} for a, s in [(0.9, 128), (0.85, 160), (0.87, 160), (0.87, 160)]]
+    assert best_epoch(log + [{"val_accuracy": 0.86, "image_size": 160}], 160) == 3
+    assert best_epoch(log[:1], 160) == 0  # no epoch at the final size yet: the best of all
 
 
 def test_ctrl_c_says_how_to_resume_without_traceback(data, tmp_path):

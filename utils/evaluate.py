@@ -60,6 +60,13 @@ def per_class(prob, labels, class_names):
     return rows, macro
 
 
+def best_epoch(log, final_size):
+    """Index of the log's best epoch: the highest validation accuracy among the epochs at the final size, since
+    the test runs at that size and a smaller size's validation is not its figure; of a tie, the later epoch,
+    trained longer and at a lower rate. Before any epoch at the final size, the best of all."""
+    return max(range(len(log)), key=lambda i: (log[i].get("image_size") == final_size, log[i]["val_accuracy"], i))
+
+
 def metrics_of(log, prob, plain, y_test, class_names, run):
     """history.json (per epoch, from the log) and metrics.json (the saved model on the test split: prob and
     plain, its mirror-averaged and its plain class probabilities). run: what the run was (images, settings,
@@ -77,7 +84,7 @@ def metrics_of(log, prob, plain, y_test, class_names, run):
     ]
     history = {k: [r[k] for r in log if k in r] for k in keys}
     history = {k: v for k, v in history.items() if v}
-    best_epoch = int(np.argmax(history["val_accuracy"]))
+    best = best_epoch(log, run["image_size"])
     reached = [r["elapsed_seconds"] for r in log if r["val_accuracy"] >= 0.9]
     classes, macro = per_class(prob, y_test, class_names)
     metrics = {
@@ -92,8 +99,8 @@ def metrics_of(log, prob, plain, y_test, class_names, run):
         "per_class": classes,
         "train_images": run["train_images"],
         "val_images": run["val_images"],
-        "best_epoch": best_epoch + 1,
-        "best_val_accuracy": round(history["val_accuracy"][best_epoch], 4),
+        "best_epoch": best + 1,
+        "best_val_accuracy": round(log[best]["val_accuracy"], 4),
         "epochs": len(log),
         "seconds_to_90_val": reached[0] if reached else None,
         "train_seconds": log[-1]["elapsed_seconds"],  # wall time from process start, data loading included

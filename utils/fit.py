@@ -10,7 +10,7 @@ import numpy as np
 
 from utils.augment import resizer
 from utils.backend import import_keras
-from utils.evaluate import MIRROR_TTA, accuracy, log_loss, plain_and_mirrored
+from utils.evaluate import MIRROR_TTA, accuracy, best_epoch, log_loss, plain_and_mirrored
 from utils.files import UserError, atomic_write, check_space, write_json
 
 
@@ -65,7 +65,6 @@ def training_callbacks(model, work, sizes, x_val, y_val, engine, epochs, elapsed
     """Validation, best-epoch keeping, the log and the backup, in the order kill -9 needs. sizes: each epoch's
     image size; engine: whose resize validation uses; elapsed(): seconds of the run so far."""
     keras = import_keras()
-    previous = read_log(work / "log.csv")
     callbacks = [
         # Keras prints "Epoch N/M" only when M > 1; a 1-epoch run gets the same line from here.
         keras.callbacks.LambdaCallback(
@@ -74,7 +73,7 @@ def training_callbacks(model, work, sizes, x_val, y_val, engine, epochs, elapsed
         validation(model, sizes, x_val, y_val, engine, elapsed),
         # Order matters for kill -9: an epoch is logged only after its best weights are whole, and a
         # logged epoch whose backup is missing is simply trained again (read_log keeps it once).
-        keep_best(model, work, max((r["val_accuracy"] for r in previous), default=-1.0)),
+        keep_best(model, work, sizes),
         keras.callbacks.CSVLogger(str(work / "log.csv"), append=True),
         backup_class(state_bytes(model))(str(work / "backup"), delete_checkpoint=False),
     ]
@@ -110,22 +109,26 @@ def validation(model, sizes, x_val, y_val, engine, elapsed):
     return Validate()
 
 
-def keep_best(model, work, best):
-    """A callback that saves the averaged weights of each epoch that improves validation accuracy beyond best
-    as best-NNN.weights.h5, and removes older ones once the log no longer points at them."""
+def keep_best(model, work, sizes):
+    """A callback that saves the averaged weights of each epoch that is best by utils.evaluate.best_epoch's rule
+    (at the final size sizes[-1], ties to the later epoch) as best-NNN.weights.h5, and removes older ones once
+    the log no longer points at them."""
     keras = import_keras()
     weights_bytes = state_bytes(model)
+    final = sizes[-1]
+    best = max(((r.get("image_size") == final, r["val_accuracy"]) for r in read_log(work / "log.csv")), default=None)
 
     class KeepBest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs):
             nonlocal best
-            if logs["val_accuracy"] > best:
-                best = logs["val_accuracy"]
+            score = (sizes[epoch] == final, logs["val_accuracy"])
+            if best is None or score >= best:
+                best = score
                 with averaged_weights(model):
                     atomic_write(
                         work / f"best-{epoch + 1:03d}.weights.h5", model.save_weights, need=weights_bytes, staged=True
                     )
-                keep = {f"best-{epoch + 1:03d}.weights.h5", best_file(work).name}
+                keep = {f"best-{epoch + 1:03d}.weights.h5", best_file(work, final).name}
                 for old in work.glob("best-*.weights.h5"):
                     if old.name not in keep:
                         old.unlink()
@@ -133,13 +136,12 @@ def keep_best(model, work, best):
     return KeepBest()
 
 
-def best_file(work):
-    """The weights file of the logged epoch with the best validation accuracy."""
+def best_file(work, final_size):
+    """The weights file of the logged epoch that utils.evaluate.best_epoch picks."""
     log = read_log(work / "log.csv")
     if not log:
         return work / "best-000.weights.h5"
-    best = max(range(len(log)), key=lambda i: (log[i]["val_accuracy"], -i))
-    return work / f"best-{int(log[best]['epoch']) + 1:03d}.weights.h5"
+    return work / f"best-{int(log[best_epoch(log, final_size)]['epoch']) + 1:03d}.weights.h5"
 
 
 def state_bytes(model):
