@@ -3,8 +3,8 @@
     python plot_history.py                  # reads models/history.json, writes beside it
     python plot_history.py runs/history.json --out plots/
 
-Writes accuracy.png and loss.png (train vs validation per epoch, the best
-validation epoch marked) and, when train.py saved test_predictions.json beside
+Writes accuracy.png and loss.png (train vs validation per epoch, the epoch
+train.py kept marked: the best validation at the final size) and, when train.py saved test_predictions.json beside
 the history, confusion.png and mistakes.png for the test split: each mistake with
 the heat map of where the model looked for the class it wrongly chose (read from
 the model file beside the history, as predict.py --explain draws it).
@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.config import IMAGE_SIZE, MODEL_DIR  # noqa: E402
+from utils.evaluate import best_epoch  # noqa: E402
 from utils.explain import blend, heat_map, probabilities_and_maps  # noqa: E402
 from utils.files import UserError, fail  # noqa: E402
 from utils.images import load_image  # noqa: E402
@@ -53,12 +54,12 @@ def read_json(path, what):
 
 
 def plot_curves(history, out):
-    """One PNG per metric: train and validation by epoch, best validation accuracy marked."""
+    """One PNG per metric: train and validation by epoch, the kept epoch (the best at the final size) marked."""
     for key in ("accuracy", "val_accuracy", "loss", "val_loss"):
         if not isinstance(history.get(key), list) or not history[key]:
             raise UserError(f"the history has no '{key}' values; is it a history.json written by train.py?")
     epochs = np.arange(1, len(history["accuracy"]) + 1)
-    best = int(np.argmax(history["val_accuracy"]))
+    best = best_epoch(history, (history.get("image_size") or [None])[-1])  # the epoch train.py kept
     for metric, title in (("accuracy", "Accuracy"), ("loss", "Loss (cross-entropy)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(epochs, history[metric], "o-", label=f"train {metric}")
@@ -67,7 +68,7 @@ def plot_curves(history, out):
             best + 1,
             color="gray",
             linestyle="--",
-            label=f"best validation accuracy {history['val_accuracy'][best]:.1%} (epoch {best + 1})",
+            label=f"kept: validation accuracy {history['val_accuracy'][best]:.1%} (epoch {best + 1})",
         )
         ax.set(title=f"{title} by epoch", xlabel="epoch", ylabel=metric)
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -156,9 +156,9 @@ def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, t
 
 
 def test_best_epoch_is_the_best_at_the_final_size_and_the_later_of_a_tie():
-    log = [{"val_accuracy": a, "image_size": s} for a, s in [(0.9, 128), (0.85, 160), (0.87, 160), (0.87, 160)]]
-    assert best_epoch(log + [{"val_accuracy": 0.86, "image_size": 160}], 160) == 3
-    assert best_epoch(log[:1], 160) == 0  # no epoch at the final size yet: the best of all
+    history = {"val_accuracy": [0.9, 0.85, 0.87, 0.87, 0.86], "image_size": [128, 160, 160, 160, 160]}
+    assert best_epoch(history, 160) == 3
+    assert best_epoch({k: v[:2] for k, v in history.items()}, 192) == 0  # none at the final size: the best of all
 
 
 def test_ctrl_c_says_how_to_resume_without_traceback(data, tmp_path):

@@ -60,11 +60,13 @@ def per_class(prob, labels, class_names):
     return rows, macro
 
 
-def best_epoch(log, final_size):
-    """Index of the log's best epoch: the highest validation accuracy among the epochs at the final size, since
-    the test runs at that size and a smaller size's validation is not its figure; of a tie, the later epoch,
-    trained longer and at a lower rate. Before any epoch at the final size, the best of all."""
-    return max(range(len(log)), key=lambda i: (log[i].get("image_size") == final_size, log[i]["val_accuracy"], i))
+def best_epoch(history, final_size):
+    """Index of the best epoch of a history (columns as in history.json): the highest validation accuracy among
+    the epochs at the final size, since the test runs at that size and a smaller size's validation is not its
+    figure; of a tie, the later epoch, trained longer and at a lower rate. With none at the final size yet,
+    the best of all."""
+    accuracy, sizes = history["val_accuracy"], history.get("image_size") or [None] * len(history["val_accuracy"])
+    return max(range(len(accuracy)), key=lambda i: (sizes[i] == final_size, accuracy[i], i))
 
 
 def metrics_of(log, prob, plain, y_test, class_names, run):
@@ -84,7 +86,7 @@ def metrics_of(log, prob, plain, y_test, class_names, run):
     ]
     history = {k: [r[k] for r in log if k in r] for k in keys}
     history = {k: v for k, v in history.items() if v}
-    best = best_epoch(log, run["image_size"])
+    best = best_epoch(history, run["image_size"])
     reached = [r["elapsed_seconds"] for r in log if r["val_accuracy"] >= 0.9]
     classes, macro = per_class(prob, y_test, class_names)
     metrics = {
@@ -100,7 +102,7 @@ def metrics_of(log, prob, plain, y_test, class_names, run):
         "train_images": run["train_images"],
         "val_images": run["val_images"],
         "best_epoch": best + 1,
-        "best_val_accuracy": round(log[best]["val_accuracy"], 4),
+        "best_val_accuracy": round(history["val_accuracy"][best], 4),
         "epochs": len(log),
         "seconds_to_90_val": reached[0] if reached else None,
         "train_seconds": log[-1]["elapsed_seconds"],  # wall time from process start, data loading included

@@ -141,7 +141,8 @@ def best_file(work, final_size):
     log = read_log(work / "log.csv")
     if not log:
         return work / "best-000.weights.h5"
-    return work / f"best-{int(log[best_epoch(log, final_size)]['epoch']) + 1:03d}.weights.h5"
+    columns = {"val_accuracy": [r["val_accuracy"] for r in log], "image_size": [r.get("image_size") for r in log]}
+    return work / f"best-{int(log[best_epoch(columns, final_size)]['epoch']) + 1:03d}.weights.h5"
 
 
 def state_bytes(model):
