@@ -4,10 +4,11 @@
     python plot_history.py runs/history.json --out plots/
 
 Writes accuracy.png and loss.png (train vs validation per epoch, the epoch
-train.py kept marked: the best validation at the final size) and, when train.py saved test_predictions.json beside
-the history, confusion.png and mistakes.png for the test split: each mistake with
-the heat map of where the model looked for the class it wrongly chose (read from
-the model file beside the history, as predict.py --explain draws it).
+train.py kept marked: the best validation at the final size) and, when train.py
+saved test_predictions.json beside the history, confusion.png and mistakes.png
+for the test split: each mistake with the heat map of where the model looked for
+the class it wrongly chose (read from the model file beside the history, as
+predict.py --explain draws it).
 """
 
 import argparse
