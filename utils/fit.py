@@ -110,25 +110,21 @@ def validation(model, sizes, x_val, y_val, engine, elapsed):
 
 
 def keep_best(model, work, sizes):
-    """A callback that saves the averaged weights of each epoch that is best by utils.evaluate.best_epoch's rule
-    (at the final size sizes[-1], ties to the later epoch) as best-NNN.weights.h5, and removes older ones once
-    the log no longer points at them."""
+    """A callback that saves the averaged weights of each epoch that utils.evaluate.best_epoch picks among the
+    epochs so far (final size: sizes[-1]) as best-NNN.weights.h5, and removes older ones once the log no longer
+    points at them."""
     keras = import_keras()
     weights_bytes = state_bytes(model)
-    final = sizes[-1]
-    best = max(((r.get("image_size") == final, r["val_accuracy"]) for r in read_log(work / "log.csv")), default=None)
 
     class KeepBest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs):
-            nonlocal best
-            score = (sizes[epoch] == final, logs["val_accuracy"])
-            if best is None or score >= best:
-                best = score
+            log = [r for r in read_log(work / "log.csv") if r["epoch"] < epoch]  # this epoch is not logged yet
+            if best_epoch(columns([*log, {**logs, "image_size": sizes[epoch]}]), sizes[-1]) == len(log):
                 with averaged_weights(model):
                     atomic_write(
                         work / f"best-{epoch + 1:03d}.weights.h5", model.save_weights, need=weights_bytes, staged=True
                     )
-                keep = {f"best-{epoch + 1:03d}.weights.h5", best_file(work, final).name}
+                keep = {f"best-{epoch + 1:03d}.weights.h5", best_file(work, sizes[-1]).name}
                 for old in work.glob("best-*.weights.h5"):
                     if old.name not in keep:
                         old.unlink()
@@ -136,13 +132,17 @@ def keep_best(model, work, sizes):
     return KeepBest()
 
 
+def columns(log):
+    """The log's validation accuracy and image size by epoch, as utils.evaluate.best_epoch reads them."""
+    return {"val_accuracy": [r["val_accuracy"] for r in log], "image_size": [r.get("image_size") for r in log]}
+
+
 def best_file(work, final_size):
     """The weights file of the logged epoch that utils.evaluate.best_epoch picks."""
     log = read_log(work / "log.csv")
     if not log:
         return work / "best-000.weights.h5"
-    columns = {"val_accuracy": [r["val_accuracy"] for r in log], "image_size": [r.get("image_size") for r in log]}
-    return work / f"best-{int(log[best_epoch(columns, final_size)]['epoch']) + 1:03d}.weights.h5"
+    return work / f"best-{int(log[best_epoch(columns(log), final_size)]['epoch']) + 1:03d}.weights.h5"
 
 
 def state_bytes(model):
