@@ -64,14 +64,15 @@ PROCESS_START = time.perf_counter()  # time to accuracy counts from here
 
 # 0. recipe. It was tuned on the cats-and-dogs split: 18,380 training images, 287 steps of 64 an epoch,
 # 30 epochs, a one-epoch warm-up, weight averaging over about 100 steps (0.99). A smaller split gets more
-# epochs (each sees fewer images), a warm-up of at least WARMUP_STEPS, a weight average over about one of
-# its shorter epochs, BatchNorm statistics over a third of one, stronger warps and CutMix. The warps
-# themselves are tuned in one place: utils.warps.AUGMENTATION.
+# epochs (each sees fewer images), a warm-up of at least WARMUP_STEPS, a weight average over more steps
+# (its validation swings more from epoch to epoch; the flowers: 300 steps, about ten of their epochs),
+# BatchNorm statistics over a third of an epoch, stronger warps and CutMix. The warps themselves are tuned
+# in one place: utils.warps.AUGMENTATION.
 REFERENCE_IMAGES = 18_380
 REFERENCE_EPOCHS = 30
 WARMUP_STEPS = 200
 BN_EPOCHS = 0.35  # BatchNorm statistics' window, in epochs (1 / (1 - momentum) steps)
-EMA_STEPS = 100  # the weight average's window: one epoch, at most this many steps
+EMA_STEPS = 100  # the weight average's window in steps, times the scale, at most an eighth of the run
 MAX_SCALE = 3.0  # a split this many times smaller in square root gets at most 3x the epochs
 MAX_AUGMENT = 2.0  # and at most twice the warps
 MAX_CUTMIX = 0.5  # and CutMix on at most half of the batches
@@ -87,7 +88,7 @@ def recipe(train_images, batch_size, epochs=None):
         "epochs": epochs,
         # one epoch, or WARMUP_STEPS where that is at most a tenth of the run
         "warmup_steps": max(steps, min(WARMUP_STEPS, epochs * steps // 10)),
-        "ema": round(1 - 1 / max(10, min(EMA_STEPS, steps)), 2),
+        "ema": round(1 - 1 / max(10, min(EMA_STEPS * scale, epochs * steps / 8)), 3),
         "bn_momentum": round(min(0.99, 1 - 1 / max(10.0, BN_EPOCHS * steps)), 3),
         "augment": round(min(MAX_AUGMENT, scale), 2),
         "cutmix": round(min(MAX_CUTMIX, (scale - 1) * MAX_CUTMIX / 2), 2),

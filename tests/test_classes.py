@@ -225,10 +225,11 @@ def test_recipe_gives_the_cats_and_dogs_settings_on_their_split_and_more_to_smal
     assert (
         small["epochs"] == 3 * train.REFERENCE_EPOCHS
         and small["augment"] > 1
-        and small["ema"] < 0.99
+        and small["ema"] == 0.997
         and small["bn_momentum"] < 0.99
     )
     assert small["warmup_steps"] >= train.WARMUP_STEPS
+    assert train.recipe(20, 4, epochs=3)["ema"] == 0.9, "a tiny run must not average its first weights away"
     assert train.recipe(100_000, 64)["epochs"] == train.REFERENCE_EPOCHS
 
 
