@@ -37,7 +37,7 @@ LEVERS = {
     "label-smoothing-0.1": (["--label-smoothing", "0.1"], {}),
     "no-cutmix": (["--cutmix", "0"], {}),
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
-    "ema-0.997": (["--ema", "0.997"], {}),  # weights averaged over about one cats-and-dogs epoch, not 100 steps
+    "ema-0.997": (["--ema", "0.997"], {}),  # cats and dogs: about one epoch, not 100 steps (the flowers derive it)
     "width-1.5": (["--width", "1.5"], {}),  # every block 1.5 times as wide
     "batch-32": (["--batch-size", "32"], {}),  # twice the steps an epoch, each of half the photos
     # The earlier default's two parts, which today's replaced: its schedule (of the cats-and-dogs split's 30
