@@ -155,6 +155,42 @@ def test_resume_after_kill_9_keeps_every_epoch_once_and_old_model_intact(data, t
     assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 3
 
 
+def test_a_backup_cut_short_between_its_two_writes_resumes_from_the_previous_epoch(tmp_path, monkeypatch):
+    """kill -9 after an epoch's weights are written but before its metadata: the resumed run gets the
+    previous epoch's weights, optimizer step and epoch number, all three from the same save."""
+    import numpy as np
+
+    from utils import fit
+    from utils.backend import import_keras
+
+    keras = import_keras()
+
+    def tiny():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    x, y = np.random.default_rng(0).normal(size=(8, 3)), np.zeros((8, 2))
+    model, backup = tiny(), fit.backup_class(0)(str(tmp_path), delete_checkpoint=False)
+    model.fit(x, y, epochs=1, batch_size=4, callbacks=[backup], verbose=0)  # epoch 1 backed up: 2 steps
+    epoch_1 = model.get_weights()
+
+    def killed(path, obj):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(fit, "write_json", killed)
+    with pytest.raises(SystemExit):
+        model.fit(x, y, epochs=2, batch_size=4, callbacks=[backup], verbose=0)
+    assert not np.allclose(model.get_weights()[0], epoch_1[0]), "epoch 2 must have changed the weights"
+    resumed = tiny()
+    restore = fit.backup_class(0)(str(tmp_path), delete_checkpoint=False)
+    restore.set_model(resumed)
+    restore.on_train_begin()
+    assert resumed._initial_epoch == 1 and int(resumed.optimizer.iterations) == 2
+    for now, then in zip(resumed.get_weights(), epoch_1, strict=True):
+        np.testing.assert_array_equal(now, then)
+
+
 def test_best_epoch_is_the_best_at_the_final_size_and_the_later_of_a_tie():
     history = {"val_accuracy": [0.9, 0.85, 0.87, 0.87, 0.86], "image_size": [128, 160, 160, 160, 160]}
     assert best_epoch(history, 160) == 3

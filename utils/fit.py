@@ -154,15 +154,31 @@ def backup_class(need):
     keras = import_keras()
 
     class AtomicBackup(keras.callbacks.BackupAndRestore):
-        """Keras's BackupAndRestore, but each file is replaced by a rename, so kill -9 while it
-        saves leaves the previous backup rather than half a file (which Keras cannot load)."""
+        """Keras's BackupAndRestore, but the weights and the epoch they hold change in one rename: each save
+        writes a weights file named by its epoch, then the metadata that points to it, then drops the older
+        file. Keras writes latest.weights.h5 and then the metadata, so kill -9 between the two would pair
+        one epoch's weights (and optimizer step) with the previous epoch's number."""
 
         def _save_model(self):
-            atomic_write(
-                self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True), need=need, staged=True
-            )
-            # metadata after weights: it never claims an epoch the weights do not have
-            write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+            name = f"epoch-{self._current_epoch:03d}.weights.h5"
+            save = lambda tmp: self.model.save_weights(tmp, overwrite=True)  # noqa: E731
+            atomic_write(Path(self.backup_dir) / name, save, need=need, staged=True)
+            state = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}
+            write_json(self._training_metadata_path, state)
+            for old in Path(self.backup_dir).glob("epoch-*.weights.h5"):
+                if old.name != name:
+                    old.unlink()
+
+        def _load_model(self):
+            meta = Path(self._training_metadata_path)
+            if not meta.exists():  # weights without metadata are a save cut short: start afresh
+                return
+            state = json.loads(meta.read_text())
+            if not self.model.optimizer.built:  # its moments and step counter are in the file too
+                self.model.optimizer.build(self.model.trainable_variables)
+            # a backup without "weights" was written by Keras's own BackupAndRestore, under its name
+            self.model.load_weights(Path(self.backup_dir) / state.get("weights", "latest.weights.h5"))
+            self.model._initial_epoch = state["epoch"]
 
     return AtomicBackup
 
