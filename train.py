@@ -4,7 +4,7 @@
     python train.py --data data/flowers --out models/flowers
     python train.py --epochs 2 --resume # continue an interrupted run in the same --out
 
-0. recipe:   the settings that depend on the data's size (epochs, warm-up, weight averaging, augmentation
+0. recipe:   the settings that depend on the data's size (batch, epochs, warm-up, weight averaging, augmentation
              strength, CutMix) are derived from the number of training images (`recipe`, below).
 1. data:     the classes from the split's report.json; each split decoded once at --image-size (the same
              load_image that predict.py uses), into memory or, when it does not fit, into a cache on disk.
@@ -55,7 +55,7 @@ from utils.fit import (
     state_bytes,
     training_callbacks,
 )
-from utils.flags import check_train_flags
+from utils.flags import check_train_flags, uneven_batch
 from utils.images import load_splits, read_split
 from utils.model import build_model, compile_model, stem_kernel, widths
 from utils.warps import image_sizes, sample_weights, targets
@@ -64,12 +64,15 @@ PROCESS_START = time.perf_counter()  # time to accuracy counts from here
 
 # 0. recipe. It was tuned on the cats-and-dogs split: 18,380 training images, 287 steps of 64 an epoch,
 # 30 epochs, a one-epoch warm-up, weight averaging over about 100 steps (0.99). A smaller split gets more
-# epochs (each sees fewer images), a warm-up of at least WARMUP_STEPS, a weight average over more steps
+# epochs (each sees fewer images), smaller batches while an epoch would have fewer than MIN_STEPS steps (more
+# updates from the same photos), a warm-up of at least WARMUP_STEPS, a weight average over more steps
 # (its validation swings more from epoch to epoch; the flowers: 300 steps, about ten of their epochs),
 # BatchNorm statistics over a third of an epoch, stronger warps and CutMix. The warps themselves are tuned
 # in one place: utils.warps.AUGMENTATION.
 REFERENCE_IMAGES = 18_380
 REFERENCE_EPOCHS = 30
+BATCH_SIZE = 64  # halved, down to a quarter, until an epoch has MIN_STEPS steps: 64 here, 32 for the flowers
+MIN_STEPS = 50
 WARMUP_STEPS = 200
 BN_EPOCHS = 0.35  # BatchNorm statistics' window, in epochs (1 / (1 - momentum) steps)
 EMA_STEPS = 100  # the weight average's window in steps, times the scale, at most an eighth of the run
@@ -78,13 +81,17 @@ MAX_AUGMENT = 2.0  # and at most twice the warps
 MAX_CUTMIX = 0.5  # and CutMix on at most half of the batches
 
 
-def recipe(train_images, batch_size, epochs=None):
-    """Settings derived from the split's size: {epochs, warmup_steps, ema, bn_momentum, augment, cutmix}.
-    epochs: the number given by hand, which the warm-up then depends on."""
+def recipe(train_images, batch_size=None, epochs=None):
+    """Settings derived from the split's size: {batch_size, epochs, warmup_steps, ema, bn_momentum, augment,
+    cutmix}. batch_size, epochs: the numbers given by hand, which the others then depend on."""
+    # the largest of 64, 32 and 16 that gives an epoch MIN_STEPS steps (16 where none does)
+    halved = (BATCH_SIZE, BATCH_SIZE // 2)
+    batch_size = batch_size or next((b for b in halved if train_images // b >= MIN_STEPS), BATCH_SIZE // 4)
     steps = max(1, train_images // batch_size)
     scale = min(MAX_SCALE, max(1.0, (REFERENCE_IMAGES / max(train_images, 1)) ** 0.5))
     epochs = epochs or round(REFERENCE_EPOCHS * scale)
     return {
+        "batch_size": batch_size,
         "epochs": epochs,
         # one epoch, or WARMUP_STEPS where that is at most a tenth of the run
         "warmup_steps": max(steps, min(WARMUP_STEPS, epochs * steps // 10)),
@@ -96,7 +103,7 @@ def recipe(train_images, batch_size, epochs=None):
 
 
 # The recipe's settings, printed at the start and kept in metrics.json
-RECIPE = ("epochs", "warmup_steps", "ema", "bn_momentum", "augment", "cutmix", "class_weights")
+RECIPE = ("batch_size", "epochs", "warmup_steps", "ema", "bn_momentum", "augment", "cutmix", "class_weights")
 # Flags that must be the same for --resume to continue a run
 RESUMABLE = (
     *("epochs", "batch_size", "image_size", "learning_rate", "seed", "data", "engine", "progressive"),
@@ -120,7 +127,7 @@ def parse_args(argv=None):
     g.add_argument("--width", type=float, default=1.0, help="filters of every block times this (default: %(default)s)")
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, help=f"passes over the training split {derived}")
-    g.add_argument("--batch-size", type=int, default=64, help="images per training step (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, help=f"images per training step {derived}")
     g.add_argument("--learning-rate", type=float, default=2e-3, help="the optimizer's peak rate (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, help=f"steps of the learning rate's linear warm-up {derived}")
     g.add_argument(
@@ -165,6 +172,8 @@ def resolve_recipe(args, train_images):
             derived.append(key)
     if args.engine == "idg" and "cutmix" in derived:
         args.cutmix = 0.0  # ImageDataGenerator's batches are not mixed
+    if "batch_size" in derived and uneven_batch(args.batch_size, args.devices, args.processes):
+        raise UserError(f"{uneven_batch(args.batch_size, args.devices, args.processes)} (derived); set --batch-size")
     return derived
 
 
@@ -249,7 +258,7 @@ def train(args, out, work, config, derived, class_names, splits):
         verbose=verbose,
     )
     run = {"train_images": len(x_train), "val_images": len(x_val), "image_size": args.image_size}
-    run |= {"batch_size": args.batch_size, "recipe": {k: getattr(args, k) for k in RECIPE}}
+    run |= {"recipe": {k: getattr(args, k) for k in RECIPE}}
     run |= {"parameters": model.count_params()}  # the final model's too: no weight depends on the image size
     run |= {"precision": precision, "engine": args.engine, "device": device_text(gpus, devices)}
     return evaluate_and_save(out, model, work, class_names, test, run, args.width, litert=not args.process_id)

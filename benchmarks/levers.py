@@ -39,7 +39,7 @@ LEVERS = {
     "learning-rate-x2": (["--learning-rate", "0.004"], {}),
     "ema-0.997": (["--ema", "0.997"], {}),  # cats and dogs: about one epoch, not 100 steps (the flowers derive it)
     "width-1.5": (["--width", "1.5"], {}),  # every block 1.5 times as wide
-    "batch-32": (["--batch-size", "32"], {}),  # twice the steps an epoch, each of half the photos
+    "batch-32": (["--batch-size", "32"], {}),  # cats and dogs: twice the steps an epoch (the flowers derive it)
     # The earlier default's two parts, which today's replaced: its schedule (of the cats-and-dogs split's 30
     # epochs, 7 each at 64, 96 and 128 px, then 9 at 160) and its stem and first block at 32 filters, not 16.
     # (benchmarks/speedrun.md measured today's default as narrow-schedule-25 with --epochs 30 --progressive 0.57.)

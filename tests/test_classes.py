@@ -220,14 +220,17 @@ def test_recipe_gives_the_cats_and_dogs_settings_on_their_split_and_more_to_smal
     import train
 
     reference = {"warmup_steps": 287, "ema": 0.99, "bn_momentum": 0.99, "augment": 1.0, "cutmix": 0.0}
-    assert train.recipe(18_380, 64) == {"epochs": train.REFERENCE_EPOCHS, **reference}
-    small = train.recipe(1_998, 64)
+    assert train.recipe(18_380) == {"batch_size": 64, "epochs": train.REFERENCE_EPOCHS, **reference}
+    small = train.recipe(1_998)  # the flowers: batches of 32, so an epoch has 62 steps, not 31
     assert (
-        small["epochs"] == 3 * train.REFERENCE_EPOCHS
+        small["batch_size"] == 32
+        and small["epochs"] == 3 * train.REFERENCE_EPOCHS
         and small["augment"] > 1
         and small["ema"] == 0.997
-        and small["bn_momentum"] < 0.99
+        and small["bn_momentum"] == 0.954
     )
+    assert train.recipe(1_998, 64)["bn_momentum"] == 0.908, "a batch given by hand sets the steps an epoch"
+    assert train.recipe(48)["batch_size"] == 16 and train.recipe(3_200)["batch_size"] == 64
     assert small["warmup_steps"] >= train.WARMUP_STEPS
     assert train.recipe(20, 4, epochs=3)["ema"] == 0.9, "a tiny run must not average its first weights away"
     assert train.recipe(100_000, 64)["epochs"] == train.REFERENCE_EPOCHS

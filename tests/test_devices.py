@@ -55,6 +55,9 @@ def test_two_devices_train_resume_after_kill_and_export(small_split, tmp_path):
 def test_devices_must_split_the_batch_evenly(small_split, tmp_path):
     uneven = run("train.py", "--data", small_split, "--out", tmp_path, "--batch-size", "15", "--devices", "2")
     assert uneven.returncode == 2 and "must split evenly" in uneven.stderr
+    derived = run("train.py", "--data", small_split, "--out", tmp_path, "--devices", "3")  # the split's 16
+    assert derived.returncode == 2 and "--batch-size 16 must split evenly" in derived.stderr
+    assert "(derived); set --batch-size" in derived.stderr and "Traceback" not in derived.stderr
 
 
 MUON_ON_TWO_DEVICES = """

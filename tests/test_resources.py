@@ -260,7 +260,7 @@ def test_train_refuses_before_loading_when_memory_is_too_small(small_split, tmp_
         train.main(["--data", str(small_split), "--out", str(tmp_path / "m"), "--image-size", "1024"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "at 1024 px, 64 a step, needs about" in err[0] and "1.60 GB is available" in err[0]
+    assert len(err) == 1 and "at 1024 px, 16 a step, needs about" in err[0] and "1.60 GB is available" in err[0]
     assert "lower --image-size (" in err[0]
 
 

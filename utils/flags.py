@@ -24,8 +24,8 @@ def check_train_flags(p, args):
         p.error("--engine idg does not mix batches; add --cutmix 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= (args.ema or 0) < 1 or not 0 <= (args.bn_momentum or 0) < 1:
         p.error("--label-smoothing, --ema and --bn-momentum must be in [0, 1)")
-    if args.devices and args.batch_size % args.devices:
-        p.error(f"--batch-size {args.batch_size} must split evenly between --devices {args.devices}")
+    if args.batch_size and uneven_batch(args.batch_size, args.devices, args.processes):
+        p.error(uneven_batch(args.batch_size, args.devices, args.processes))
     if args.processes > 1:
         if backend() != "jax":
             p.error("--processes trains on the JAX backend: start each process with KERAS_BACKEND=jax")
@@ -35,8 +35,6 @@ def check_train_flags(p, args):
             p.error("--engine idg does not split batches between processes; use --engine numpy or layers")
         if not 0 <= args.process_id < args.processes:
             p.error(f"--process-id must be 0 to {args.processes - 1}")
-        if args.batch_size % (args.processes * (args.devices or 1)):
-            p.error(f"--batch-size {args.batch_size} must split evenly between the processes' devices")
     elif args.process_id or args.coordinator:
         p.error("--process-id and --coordinator go with --processes N (N > 1)")
     if args.engine == "idg" and args.progressive:
@@ -45,3 +43,12 @@ def check_train_flags(p, args):
         p.error(
             "--engine numpy feeds the JAX backend; on TensorFlow leave --engine out (tf.data makes the same batches)"
         )
+
+
+def uneven_batch(batch_size, devices, processes):
+    """Why batch_size cannot be split between the devices of all processes, or None where it can."""
+    if devices and batch_size % devices:
+        return f"--batch-size {batch_size} must split evenly between --devices {devices}"
+    if batch_size % (processes * (devices or 1)):
+        return f"--batch-size {batch_size} must split evenly between the processes' devices"
+    return None
