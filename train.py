@@ -66,7 +66,7 @@ PROCESS_START = time.perf_counter()  # time to accuracy counts from here
 # 30 epochs, a one-epoch warm-up, weight averaging over about 100 steps (0.99). A smaller split gets more
 # epochs (each sees fewer images), smaller batches while an epoch would have fewer than MIN_STEPS steps (more
 # updates from the same photos), a warm-up of at least WARMUP_STEPS, a weight average over more steps
-# (its validation swings more from epoch to epoch; the flowers: 300 steps, about ten of their epochs),
+# (its validation swings more from epoch to epoch; the flowers: 300 steps, about five of their epochs),
 # BatchNorm statistics over a third of an epoch, stronger warps and CutMix. The warps themselves are tuned
 # in one place: utils.warps.AUGMENTATION.
 REFERENCE_IMAGES = 18_380
@@ -172,8 +172,9 @@ def resolve_recipe(args, train_images):
             derived.append(key)
     if args.engine == "idg" and "cutmix" in derived:
         args.cutmix = 0.0  # ImageDataGenerator's batches are not mixed
-    if "batch_size" in derived and uneven_batch(args.batch_size, args.devices, args.processes):
-        raise UserError(f"{uneven_batch(args.batch_size, args.devices, args.processes)} (derived); set --batch-size")
+    uneven = "batch_size" in derived and uneven_batch(args.batch_size, args.devices, args.processes)
+    if uneven:
+        raise UserError(f"{uneven} (derived); set --batch-size")
     return derived
 
 
