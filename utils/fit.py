@@ -176,7 +176,7 @@ def backup_class(need):
             state = json.loads(meta.read_text())
             if not self.model.optimizer.built:  # its moments and step counter are in the file too
                 self.model.optimizer.build(self.model.trainable_variables)
-            # a backup without "weights" was written by Keras's own BackupAndRestore, under its name
+            # a backup without "weights" is in BackupAndRestore's own layout: its weights are latest.weights.h5
             self.model.load_weights(Path(self.backup_dir) / state.get("weights", "latest.weights.h5"))
             self.model._initial_epoch = state["epoch"]
 

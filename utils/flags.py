@@ -24,8 +24,8 @@ def check_train_flags(p, args):
         p.error("--engine idg does not mix batches; add --cutmix 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= (args.ema or 0) < 1 or not 0 <= (args.bn_momentum or 0) < 1:
         p.error("--label-smoothing, --ema and --bn-momentum must be in [0, 1)")
-    if args.batch_size and uneven_batch(args.batch_size, args.devices, args.processes):
-        p.error(uneven_batch(args.batch_size, args.devices, args.processes))
+    if args.batch_size and (uneven := uneven_batch(args.batch_size, args.devices, args.processes)):
+        p.error(uneven)
     if args.processes > 1:
         if backend() != "jax":
             p.error("--processes trains on the JAX backend: start each process with KERAS_BACKEND=jax")
