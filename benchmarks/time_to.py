@@ -14,8 +14,12 @@ epochs, on one machine, in one command.
    from the process's start, data loading included. Each --lever is a run of its own with that lever
    of benchmarks/levers.py (its LEVERS), and any train.py flags after its name. Each run's per-epoch log
    is kept in --out.
-Prints both, and the ratio that the goal bounds (GOALS: 0.125 for 90 %, 0.40 for 96 %). Nothing else
-should run on the machine meanwhile.
+Prints both, and the ratio that the goal bounds (GOALS: 0.125 for 90 %, 0.40 for 96 %). With --full each
+run goes on to its end instead: it prints the seconds to each of GOALS' targets as the run passes them, then
+the whole run's seconds (bounded by WHOLE_RUN: 1.85) and its test accuracy, so that one command times the
+speedrun's goals 1, 2 and 3. Nothing else should run on the machine meanwhile.
+
+    python benchmarks/time_to.py --data data/processed --full
 """
 
 import argparse
@@ -37,6 +41,7 @@ from utils.backend import cpu_model  # noqa: E402
 from utils.config import DATA_DIR  # noqa: E402
 
 GOALS = {0.90: 0.125, 0.96: 0.40}  # the most a run may take to the target, as a share of the baseline's 15 epochs
+WHOLE_RUN = 1.85  # the most the whole default run may take, as a share of the baseline's 15 epochs
 
 
 def baseline_epoch(data, out):
@@ -53,14 +58,12 @@ def exact_val_accuracy(log_csv, epoch):
         return [float(row["val_accuracy"]) for row in csv.DictReader(f) if int(row["epoch"]) == epoch - 1][-1]
 
 
-def default_to(target, data, out, limit, flags=(), lever=None):
-    """Seconds from the start of `python train.py` (with benchmarks/levers.py's `lever` if given) to the end of
-    the first epoch at >= target, and that epoch."""
+def start_train(data, out, flags, lever):
+    """`python train.py` (or benchmarks/levers.py's `lever`) on `data` into `out`, its output piped line by line."""
     train = [str(ROOT / "train.py")]
     if lever:
         train = [str(ROOT / "benchmarks" / "levers.py"), "--train", lever, "--"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, *train, "--data", str(data), "--out", str(out), *flags],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each epoch's line as soon as it is printed
@@ -68,23 +71,59 @@ def default_to(target, data, out, limit, flags=(), lever=None):
         stderr=subprocess.DEVNULL,
         text=True,
     )
+
+
+def epoch_ends(proc, out):
+    """Echoes a train.py run's output line by line; yields (line, its epoch, the epoch's exact validation accuracy
+    on the line that ends an epoch, else None)."""
     epoch = 0
     for line in proc.stdout:
         print("   ", line.rstrip(), flush=True)
         if m := re.match(r"Epoch (\d+)/", line):
             epoch = int(m.group(1))
-        val = "- val_accuracy: " in line  # an epoch's end: its row is in the log by now
-        if val and exact_val_accuracy(out / ".run" / "log.csv", epoch) >= target:
+        ends = "- val_accuracy: " in line  # an epoch's end: its row is in the log by now
+        yield line, epoch, exact_val_accuracy(out / ".run" / "log.csv", epoch) if ends else None
+
+
+def failed(proc):
+    sys.exit(f"time_to.py: {' '.join(proc.args[1:])} failed (exit {proc.returncode}); run it alone to see why")
+
+
+def default_to(target, data, out, limit, flags=(), lever=None):
+    """Seconds from the start of `python train.py` (with benchmarks/levers.py's `lever` if given) to the end of
+    the first epoch at >= target, and that epoch."""
+    start = time.perf_counter()
+    proc = start_train(data, out, flags, lever)
+    epoch = 0
+    for _, epoch, val in epoch_ends(proc, out):
+        if val is not None and val >= target:
             seconds = time.perf_counter() - start
             proc.send_signal(signal.SIGINT)
             proc.wait()
             return seconds, epoch
-        if val and time.perf_counter() - start > limit:
+        if val is not None and time.perf_counter() - start > limit:
             break
     proc.send_signal(signal.SIGINT)
     if proc.wait() not in (0, 130) and not epoch:
-        sys.exit(f"time_to.py: {' '.join(proc.args[1:])} failed (exit {proc.returncode}); run it alone to see why")
+        failed(proc)
     return None, epoch
+
+
+def whole_run(targets, data, out, flags=(), lever=None):
+    """Runs train.py to its end: {target: (seconds from its start, epoch)} for each target it reached, its
+    seconds from start to exit, and its test accuracy line."""
+    start = time.perf_counter()
+    proc = start_train(data, out, flags, lever)
+    reached, test = {}, "no test accuracy printed"
+    for line, epoch, val in epoch_ends(proc, out):
+        if line.startswith("test accuracy"):
+            test = line.strip()
+        for target in targets:
+            if val is not None and val >= target and target not in reached:
+                reached[target] = (time.perf_counter() - start, epoch)
+    if proc.wait():
+        failed(proc)
+    return reached, time.perf_counter() - start, test
 
 
 def runs_to_time(default, variants, levers):
@@ -92,6 +131,36 @@ def runs_to_time(default, variants, levers):
     then any extra flags: "wide-stem --seed 7")."""
     runs = [("default", [], None)] if default else []
     return runs + [(v, v.split(), None) for v in variants] + [(lv, lv.split()[1:], lv.split()[0]) for lv in levers]
+
+
+def ratio(seconds, epoch, goal=None):
+    """`seconds` as a share of the baseline's 15 epochs of `epoch` seconds each, and the goal's bound if any."""
+    return f"ratio to the baseline's 15 epochs {seconds / (15 * epoch):.3f}" + (f" (goal <= {goal})" if goal else "")
+
+
+def print_time_to(name, target, data, out, limit, epoch, flags, lever):
+    """Times one run to `target` (stopped there, or after `limit` seconds) against a baseline epoch of `epoch` s."""
+    seconds, n = default_to(target, data, out, limit, flags, lever)
+    if seconds is None:
+        print(f"{name}: no {target:.0%} by epoch {n} ({limit:.0f} s)", flush=True)
+    else:
+        print(
+            f"{name}: {target:.0%} validation accuracy at epoch {n}, {seconds:.0f} s after start; "
+            + ratio(seconds, epoch, GOALS.get(round(target, 4))),
+            flush=True,
+        )
+
+
+def print_whole_run(name, targets, data, out, epoch, flags, lever):
+    """Times one run to its end, and to each target on the way, against a baseline epoch of `epoch` s."""
+    reached, seconds, test = whole_run(targets, data, out, flags, lever)
+    for target in targets:
+        if target in reached:
+            at, n = reached[target]
+            print(f"{name}: {target:.0%} at epoch {n}, {at:.0f} s after start; " + ratio(at, epoch, GOALS.get(target)))
+        else:
+            print(f"{name}: no {target:.0%} in the whole run")
+    print(f"{name}: the whole run {seconds:.0f} s; " + ratio(seconds, epoch, WHOLE_RUN) + f"; {test}", flush=True)
 
 
 def main():
@@ -111,26 +180,24 @@ def main():
     p.add_argument(
         "--cap", type=float, default=1.0, help="stop a run after this share of the baseline's 15 epochs (default: 1)"
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="run each to its end: the seconds to 90 %%, 96 %% and --target, the whole run's, its test accuracy",
+    )
     args = p.parse_args()
     for lever in args.lever:  # before the baseline's epoch, not after it
         if lever.split()[0] not in LEVERS:
             p.error(f"--lever {lever!r}: no such lever; the levers are: {', '.join(LEVERS)}")
     print(f"CPU: {cpu_model()}", flush=True)
     epoch = args.baseline_seconds or baseline_epoch(args.data, args.out / "baseline")
-    goal = GOALS.get(round(args.target, 4))
     print(f"baseline: one epoch {epoch} s; 15 epochs {15 * epoch} s", flush=True)
     for i, (name, flags, lever) in enumerate(runs_to_time(not args.skip_default, args.variant, args.lever)):
         out = args.out / f"run{i}"
-        seconds, n = default_to(args.target, args.data, out, args.cap * 15 * epoch, flags, lever)
-        if seconds is None:
-            print(f"{name}: no {args.target:.0%} by epoch {n} ({args.cap * 15 * epoch:.0f} s)", flush=True)
+        if args.full:
+            print_whole_run(name, sorted({*GOALS, args.target}), args.data, out, epoch, flags, lever)
         else:
-            print(
-                f"{name}: {args.target:.0%} validation accuracy at epoch {n}, {seconds:.0f} s after start; "
-                f"ratio to the baseline's 15 epochs {seconds / (15 * epoch):.3f}"
-                + (f" (goal <= {goal})" if goal else ""),
-                flush=True,
-            )
+            print_time_to(name, args.target, args.data, out, args.cap * 15 * epoch, epoch, flags, lever)
 
 
 if __name__ == "__main__":

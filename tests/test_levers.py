@@ -186,21 +186,25 @@ def test_tta_views_shift_by_whole_pixels_and_reflect_the_edge(d):
         assert np.array_equal(moved[:, 2, 3:], images[:, 1, :13])
 
 
+def fake_train(folder, vals, then):
+    """A train.py in `folder` that prints and logs an epoch for each of `vals` as train.py does, then runs `then`."""
+    (folder / "train.py").write_text(
+        "import sys, time\nfrom pathlib import Path\n"
+        "log = Path(sys.argv[sys.argv.index('--out') + 1]) / '.run' / 'log.csv'\n"
+        "log.parent.mkdir(parents=True)\nlog.write_text('epoch,val_accuracy\\n')\n"
+        f"for epoch, val in enumerate({vals!r}):\n"
+        "    with open(log, 'a') as f:\n        f.write(f'{epoch},{val!r}\\n')\n"
+        "    print(f'Epoch {epoch + 1}/30', flush=True)\n"
+        "    print(f'287/287 - 1s - val_accuracy: {val:.4f} - val_loss: 0.1', flush=True)\n"
+        f"{then}\n"
+    )
+
+
 def test_time_to_counts_the_exact_accuracy_not_the_rounded_progress_line(tmp_path, monkeypatch):
     """2,206 of 2,298 photos is 95.997 %, which Keras prints as 0.9600: not yet 96 %."""
     import time_to
 
-    fake = tmp_path / "train.py"  # prints and logs two epochs as train.py does, then waits for Ctrl-C
-    fake.write_text(
-        "import sys, time\nfrom pathlib import Path\n"
-        "log = Path(sys.argv[sys.argv.index('--out') + 1]) / '.run' / 'log.csv'\n"
-        "log.parent.mkdir(parents=True)\nlog.write_text('epoch,val_accuracy\\n')\n"
-        "for epoch, val in enumerate([2206 / 2298, 2225 / 2298]):\n"
-        "    with open(log, 'a') as f:\n        f.write(f'{epoch},{val!r}\\n')\n"
-        "    print(f'Epoch {epoch + 1}/30', flush=True)\n"
-        "    print(f'287/287 - 1s - val_accuracy: {val:.4f} - val_loss: 0.1', flush=True)\n"
-        "time.sleep(60)\n"
-    )
+    fake_train(tmp_path, [2206 / 2298, 2225 / 2298], then="time.sleep(60)")  # waits for Ctrl-C
     monkeypatch.setattr(time_to, "ROOT", tmp_path)
     seconds, epoch = time_to.default_to(0.96, tmp_path / "data", tmp_path / "run", limit=60)
     assert epoch == 2 and seconds < 30
@@ -210,6 +214,19 @@ def test_time_to_counts_the_exact_accuracy_not_the_rounded_progress_line(tmp_pat
         ("wide-stem", [], "wide-stem"),
         ("wide-stem --seed 7", ["--seed", "7"], "wide-stem"),  # the lever's run at another seed
     ]
+
+
+def test_time_to_full_times_each_target_on_the_way_and_reads_the_test_line(tmp_path, monkeypatch):
+    """--full lets the run end: the first epoch at each target (exact, not rounded), and the test accuracy."""
+    import time_to
+
+    vals = [2000 / 2298, 2100 / 2298, 2206 / 2298, 2207 / 2298, 2150 / 2298]  # 91.4 %, 95.997 %, 96.04 %
+    fake_train(tmp_path, vals, then="print('test accuracy 0.9717 on 2298 images (best epoch 4)')")
+    monkeypatch.setattr(time_to, "ROOT", tmp_path)
+    reached, seconds, test = time_to.whole_run([0.90, 0.96, 0.99], tmp_path / "data", tmp_path / "run")
+    assert {t: epoch for t, (_, epoch) in reached.items()} == {0.90: 2, 0.96: 4}
+    assert reached[0.90][0] <= reached[0.96][0] <= seconds < 30
+    assert test == "test accuracy 0.9717 on 2298 images (best epoch 4)"
 
 
 def test_a_lever_run_gives_train_py_the_lever_flags_and_settings_then_the_callers_flags(monkeypatch):
