@@ -2,6 +2,7 @@
 of the optimizer's update alone (random gradients, in a tf.function), timed in turn in one process.
 
     python benchmarks/optimizer_step.py --steps 20 --rounds 3
+    python benchmarks/optimizer_step.py --optimizer muon --image-size 128 --precision float32
 """
 
 import argparse
@@ -14,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils.model  # noqa: E402
-from utils.backend import cpu_model  # noqa: E402
+from utils.backend import cpu_model, import_keras  # noqa: E402
 
 OPTIMIZERS = ("rmsprop", "muon", "sgd-nesterov")
 
@@ -32,21 +33,29 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="steps timed per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of all optimizers in turn (default: %(default)s)")
+    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, help="time only these (default: all)")
+    p.add_argument(
+        "--precision",
+        choices=("float32", "mixed_bfloat16"),
+        default="float32",
+        help="the precision policy of the steps (default: %(default)s; train.py takes bfloat16 where the CPU has it)",
+    )
     args = p.parse_args()
+    import_keras().mixed_precision.set_global_policy(args.precision)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch_size * args.steps, args.image_size, args.image_size, 3), "uint8")
     labels = rng.integers(0, 2, len(images)).astype("float32")
-    models = {name: compiled(name, args.image_size, args.steps) for name in OPTIMIZERS}
+    models = {name: compiled(name, args.image_size, args.steps) for name in args.optimizer or OPTIMIZERS}
     for model in models.values():  # the first epoch traces the step: not timed
         model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
-    seconds = {name: [] for name in OPTIMIZERS}
+    seconds = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
             start = time.perf_counter()
             model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
             seconds[name].append((time.perf_counter() - start) / args.steps)
     size, batch, steps, rounds = args.image_size, args.batch_size, args.steps, args.rounds
-    print(f"CPU: {cpu_model()}; {size} px, batch {batch}, {steps} steps, {rounds} rounds")
+    print(f"CPU: {cpu_model()}; {args.precision}; {size} px, batch {batch}, {steps} steps, {rounds} rounds")
     for name, model in models.items():
         step, update = statistics.median(seconds[name]), update_seconds(model, args.rounds)
         print(f"{name:13s} median {step * 1000:6.1f} ms a step, {update * 1000:5.1f} ms of it the update")
