@@ -1,5 +1,5 @@
 """Splits larger than memory: streamed from a cache on disk, with the same batches as in memory; and the
-choice of precision by device."""
+choice of precision by device, and the CPU's name in the logs."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import pytest
 
 import utils.images
 from conftest import call
-from utils.backend import choose_precision
+from utils.backend import choose_precision, cpu_model
 from utils.files import UserError
 
 SHORT = ["--epochs", "2", "--batch-size", "16", "--image-size", "64"]
@@ -81,3 +81,20 @@ def test_memory_too_small_for_the_splits_streams_instead_of_refusing(monkeypatch
 )
 def test_precision_is_chosen_by_device(gpus, cpu_bf16, expected):
     assert choose_precision(gpus, cpu_bf16) == expected
+
+
+def test_the_cpu_is_named_by_family_model_and_units_so_two_cpus_of_one_name_differ(tmp_path):
+    """Under KVM both AMD EPYCs of these machines are named "AMD EPYC": timings must not be mixed up."""
+    facts = {"AVX2 EPYC": ("25", "1", "fpu avx2 fma"), "Zen 5 EPYC": ("26", "2", "avx2 avx512f avx512_bf16 fma")}
+    names = {}
+    for cpu, (family, model, flags) in facts.items():
+        info = tmp_path / cpu
+        info.write_text(
+            f"processor\t: 0\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"
+            f"flags\t\t: {flags}\n\nprocessor\t: 1\n"
+        )
+        names[cpu] = cpu_model(info)
+    assert names == {
+        "AVX2 EPYC": "AMD EPYC (family 25 model 1; avx2)",
+        "Zen 5 EPYC": "AMD EPYC (family 26 model 2; avx2 avx512f avx512_bf16)",
+    }

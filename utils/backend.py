@@ -152,15 +152,17 @@ def cpu_has_bf16():
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def cpu_model():
-    """The CPU's model name, for metrics.json: timings are only comparable on one machine."""
+def cpu_model(cpuinfo=Path("/proc/cpuinfo")):
+    """The CPU's name, family, model and vector units, for metrics.json and the benchmarks' logs: timings are
+    only comparable on one machine, and under a hypervisor one name ("AMD EPYC") stands for several CPUs."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        first = cpuinfo.read_text().split("\n\n")[0].splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    facts = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first)}
+    units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in facts.get("flags", "").split()]
+    family, model = facts.get("cpu family", "?"), facts.get("model", "?")
+    return f"{facts.get('model name', '?')} (family {family} model {model}; {' '.join(units) or 'no AVX2'})"
 
 
 def split_cpu_for_jax(devices):
