@@ -71,7 +71,7 @@ PROCESS_START = time.perf_counter()  # time to accuracy counts from here
 # in one place: utils.warps.AUGMENTATION.
 REFERENCE_IMAGES = 18_380
 REFERENCE_EPOCHS = 30
-BATCH_SIZE = 64  # here 64; the flowers 32
+BATCH_SIZE = 64  # the cats-and-dogs batch; halved (the flowers: 32) while an epoch has fewer than MIN_STEPS steps
 MIN_STEPS = 50
 WARMUP_STEPS = 200
 BN_EPOCHS = 0.35  # BatchNorm statistics' window, in epochs (1 / (1 - momentum) steps)

@@ -10,7 +10,7 @@ import pytest
 
 import utils.images
 from conftest import call
-from utils.backend import choose_precision, cpu_model
+from utils.backend import choose_precision, cpu_has_bf16, cpu_model
 from utils.files import UserError
 
 SHORT = ["--epochs", "2", "--batch-size", "16", "--image-size", "64"]
@@ -93,8 +93,8 @@ def test_the_cpu_is_named_by_family_model_and_units_so_two_cpus_of_one_name_diff
             f"processor\t: 0\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n"
             f"flags\t\t: {flags}\n\nprocessor\t: 1\n"
         )
-        names[cpu] = cpu_model(info)
+        names[cpu] = cpu_model(info), cpu_has_bf16(info)
     assert names == {
-        "AVX2 EPYC": "AMD EPYC (family 25 model 1; avx2)",
-        "Zen 5 EPYC": "AMD EPYC (family 26 model 2; avx2 avx512f avx512_bf16)",
+        "AVX2 EPYC": ("AMD EPYC (family 25 model 1; avx2)", False),
+        "Zen 5 EPYC": ("AMD EPYC (family 26 model 2; avx2 avx512f avx512_bf16)", True),
     }

@@ -143,23 +143,27 @@ def gpu_facts():
     return facts
 
 
-def cpu_has_bf16():
-    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX); elsewhere it is emulated and slow."""
+def cpu_facts(cpuinfo=Path("/proc/cpuinfo")):
+    """The first processor's fields of /proc/cpuinfo, stripped; {} where there is none (macOS, Windows)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        first = cpuinfo.read_text().split("\n\n")[0].splitlines()
     except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first)}
+
+
+def cpu_has_bf16(cpuinfo=Path("/proc/cpuinfo")):
+    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX); elsewhere it is emulated and slow."""
+    flags = cpu_facts(cpuinfo).get("flags", "").split()
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def cpu_model(cpuinfo=Path("/proc/cpuinfo")):
     """The CPU's name, family, model and vector units, for metrics.json and the benchmarks' logs: timings are
     only comparable on one machine, and under a hypervisor one name ("AMD EPYC") stands for several CPUs."""
-    try:
-        first = cpuinfo.read_text().split("\n\n")[0].splitlines()
-    except OSError:
+    facts = cpu_facts(cpuinfo)
+    if not facts:
         return platform.processor() or platform.machine()
-    facts = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first)}
     units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in facts.get("flags", "").split()]
     family, model = facts.get("cpu family", "?"), facts.get("model", "?")
     return f"{facts.get('model name', '?')} (family {family} model {model}; {' '.join(units) or 'no AVX2'})"
