@@ -45,6 +45,7 @@ LEVERS = {
     # (benchmarks/speedrun.md measured today's default as narrow-schedule-25 with --epochs 30 --progressive 0.57.)
     "earlier-schedule": (["--progressive", "0.7"], {STEP: 32, POWER: 0}),
     "wide-stem": ([], {"utils.model.STEM": 32, "utils.model.WIDTHS": [32, 64, 128, 256]}),
+    "keras-batch-norm": ([], {"utils.model.FUSED_BATCH_NORM": False}),  # the way back: Keras's own op by op
     "whiten-stem": ([], {"utils.model.WHITEN_STEM": True}),  # airbench's frozen patch-whitening stem
     "airbench-widths": ([], {"utils.model.WIDTHS": [16, 64, 192, 384]}),  # blocks 3 and 4 wider, as airbench's
     # a skip around each block's second convolution (relu1 + relu2), and with it stochastic depth: that

@@ -169,6 +169,46 @@ def test_stochastic_depth_drops_the_second_branch_of_whole_photos_in_training_on
     assert np.array_equal(kept, x), "at inference nothing is dropped"
 
 
+@pytest.mark.parametrize("policy, tolerance", [("float32", 1e-4), ("mixed_bfloat16", 0.05)])
+def test_the_fused_batch_norm_trains_as_keras_does_and_the_lever_brings_keras_back(policy, tolerance, monkeypatch):
+    import tensorflow as tf
+
+    import utils.model
+
+    keras = utils.model.import_keras()
+    rng = np.random.default_rng(0)
+    x = tf.cast(rng.normal(2.0, 3.0, size=(2, 4, 4, 3)), policy.removeprefix("mixed_"))  # 32 values a channel
+    r = tf.constant(rng.normal(size=(2, 4, 4, 3)), "float32")  # a loss whose gradient reaches every input
+    weights = [np.array([0.5, 1.0, 2.0]), np.array([0.1, -0.2, 0.3]), np.zeros(3), np.ones(3)]
+    layers, results = (utils.model.fused_batch_norm(), keras.layers.BatchNormalization), []
+    for kind in layers:
+        layer = kind(momentum=0.9, dtype=policy)
+        layer.build(x.shape)
+        layer.set_weights(weights)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * r)
+        gradients = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *gradients, *layer.get_weights()[2:], layer(x, training=False)])
+    names = ("output", "input gradient", "gamma gradient", "beta gradient", "moving mean", "moving variance")
+    for name, fused, plain in zip((*names, "inference"), *results, strict=True):
+        fused, plain = (np.asarray(tf.cast(t, "float32")) for t in (fused, plain))
+        assert np.allclose(fused, plain, rtol=tolerance, atol=tolerance), f"{name}: fused {fused} != Keras {plain}"
+    assert np.allclose(results[0][5], results[1][5], rtol=1e-5), "the moving variance is Bessel-corrected"
+    assert layers[0] is not layers[1], "on TensorFlow the training model should use the fused kernel"
+    compile_at = dict(image_size=32, steps=4, width=0.25, bn_momentum=0.9, epochs=2, learning_rate=0.05)
+    compile_at.update(warmup_steps=2, label_smoothing=0.0, ema=0.99)
+    assert isinstance(utils.model.compile_model(("a", "b"), **compile_at).get_layer("block1_bn1"), layers[0])
+    import levers
+
+    monkeypatch.setattr(utils.model, "FUSED_BATCH_NORM", utils.model.FUSED_BATCH_NORM)
+    for setting, value in levers.LEVERS["keras-batch-norm"][1].items():
+        levers.apply(setting, value)
+    assert type(utils.model.compile_model(("a", "b"), **compile_at).get_layer("block1_bn1")) is layers[1]
+    assert type(utils.model.build_model(32).get_layer("block1_bn1")) is layers[1], "saved models need no new layer"
+
+
 @pytest.mark.parametrize("d", [3, -3])
 def test_tta_views_shift_by_whole_pixels_and_reflect_the_edge(d):
     from tta_views import shifted

@@ -19,6 +19,9 @@ STEM, STEM_STRIDE = 16, 2  # the stem convolution's filters and stride (narrow, 
 # A skip around each block's second convolution, so the block's output is relu1 + relu2 (a lever, off), and
 # the share of training photos for which that second branch is dropped (stochastic depth; 0: never)
 RESIDUAL, DROP_PATH = False, 0.0
+# Training steps on TensorFlow normalise with its fused kernel (see fused_batch_norm): the same function, in
+# fewer passes over the activations. False: Keras's BatchNormalization (benchmarks/levers.py keras-batch-norm)
+FUSED_BATCH_NORM = True
 
 
 def build_model(
@@ -29,6 +32,7 @@ def build_model(
     dropout=0.3,
     block_dropout=0.1,
     bn_momentum=0.99,
+    batch_norm=None,
 ):
     """The CNN: a strided Conv stem, then blocks of two Conv/BatchNorm/ReLU, MaxPool and Dropout,
     global average pooling, Dropout and the classifier: one sigmoid unit (the probability of the second
@@ -38,22 +42,24 @@ def build_model(
     image_size None builds a fully convolutional model that takes any size (progressive resizing
     trains it so); the saved model is rebuilt at the final size, which predict.py reads from it.
     Layers are named, so weights move between the two builds by name. bn_momentum: how slowly
-    BatchNormalization's statistics for inference follow the training batches (train.py's recipe derives it).
+    BatchNormalization's statistics for inference follow the training batches (train.py's recipe derives it);
+    batch_norm: its layer class (None: Keras's; compile_model trains with fused_batch_norm's).
     stem: the stem's filters (None: STEM, read when the model is built, as benchmarks/levers.py sets it).
     """
     keras = import_keras()
     layers = keras.layers
+    batch_norm = batch_norm or layers.BatchNormalization
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)
     x = layers.Conv2D(stem or STEM, 3, strides=STEM_STRIDE, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
+    x = batch_norm(momentum=bn_momentum, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     for i, width in enumerate(widths, 1):
         for j in (1, 2):
             skip = x  # the second convolution's input: relu1
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
-            x = layers.BatchNormalization(momentum=bn_momentum, name=f"block{i}_bn{j}")(x)
+            x = batch_norm(momentum=bn_momentum, name=f"block{i}_bn{j}")(x)
             x = layers.ReLU(name=f"block{i}_relu{j}")(x)
         if RESIDUAL:  # read when the model is built, as benchmarks/levers.py sets it
             if DROP_PATH:  # the whole branch, photo by photo, scaled up by 1 / (1 - DROP_PATH) when kept
@@ -184,6 +190,35 @@ def stem_kernel(train_images):
 
 
 @functools.cache
+def fused_batch_norm():
+    """keras.layers.BatchNormalization whose training step, on TensorFlow, is one fused kernel (and one for its
+    gradient), which oneDNN runs on the 16-bit activations, where Keras 3 computes the batch's moments and the
+    normalisation op by op in float32: faster training steps (benchmarks/README.md). The same function:
+    Keras's moving averages of the batch's mean and (uncorrected) variance, and Keras's own call for
+    inference, masks and other backends. Weights move to and from Keras's layer unchanged."""
+    keras = import_keras()
+    if backend() != "tensorflow":
+        return keras.layers.BatchNormalization
+    import tensorflow as tf
+
+    class FusedBatchNormalization(keras.layers.BatchNormalization):
+        def call(self, inputs, training=None, mask=None):
+            plain = self.renorm or self.synchronized or not (self.scale and self.center)
+            if not (training and self.trainable) or mask is not None or plain or self.axis not in (-1, 3):
+                return super().call(inputs, training=training, mask=mask)
+            y, mean, variance, *_ = tf.compat.v1.nn.fused_batch_norm(
+                inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+            )
+            n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+            variance *= (n - 1) / n  # the kernel returns Bessel's corrected variance; Keras averages the plain one
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
+            return y
+
+    return FusedBatchNormalization
+
+
+@functools.cache
 def conv_muon():
     """keras.optimizers.Muon, which gives Muon's step only to 2-D kernels (here the classifier's), with
     it for the 4-D convolution kernels as well: each flattened to (rows x cols x inputs, filters)."""
@@ -238,7 +273,8 @@ def compile_model(
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, epochs * steps - warmup), warmup_target=learning_rate, warmup_steps=warmup
     )
-    model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum)
+    norm = fused_batch_norm() if FUSED_BATCH_NORM else None
+    model = build_model(image_size, class_names, widths=widths(width), bn_momentum=bn_momentum, batch_norm=norm)
     if DIRAC_INIT:
         dirac_init(model)
     if stem_filters is not None:
