@@ -66,13 +66,24 @@ LEVERS["earlier-default"] = (LEVERS["earlier-schedule"][0], {**LEVERS["earlier-s
 
 def apply(setting, value):
     """Set `module.NAME` or `module.NAME[key]` to value, before train.py runs."""
-    target, _, key = setting.rstrip("]").partition("[")
-    module, name = target.rsplit(".", 1)
-    owner = importlib.import_module(module)
+    owner, name, key = where(setting)
     if key:
         getattr(owner, name)[key] = value
     else:
         setattr(owner, name, value)
+
+
+def read(setting):
+    """The value of `module.NAME` or `module.NAME[key]` now."""
+    owner, name, key = where(setting)
+    return getattr(owner, name)[key] if key else getattr(owner, name)
+
+
+def where(setting):
+    """(module, NAME, key or "") of a setting `module.NAME` or `module.NAME[key]`."""
+    target, _, key = setting.rstrip("]").partition("[")
+    module, name = target.rsplit(".", 1)
+    return importlib.import_module(module), name, key
 
 
 def run_lever(name, flags, data, out, seed):

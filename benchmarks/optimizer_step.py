@@ -1,11 +1,15 @@
-"""Milliseconds per training step of the CNN under each optimizer benchmarks/levers.py compares, and
-of the optimizer's update alone (random gradients, in a tf.function), timed in turn in one process.
+"""Milliseconds per training step of the CNN under each optimizer benchmarks/levers.py compares (and with
+each --lever of its settings in utils), and of the optimizer's update alone (random gradients, in a
+tf.function), timed in turn in one process.
 
     python benchmarks/optimizer_step.py --steps 20 --rounds 3
     python benchmarks/optimizer_step.py --optimizer muon --image-size 128 --precision float32
+    python benchmarks/optimizer_step.py --optimizer muon --lever default --lever keras-batch-norm
 """
 
 import argparse
+import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -14,10 +18,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from levers import LEVERS, apply, read  # noqa: E402
+
 import utils.model  # noqa: E402
 from utils.backend import cpu_model, import_keras  # noqa: E402
 
 OPTIMIZERS = ("rmsprop", "muon", "sgd-nesterov")
+
+
+@contextlib.contextmanager
+def lever_set(name):
+    """A context in which the utils settings of LEVERS[name] hold (its train.py flags are not taken); the
+    settings in use before come back after it. Steps read some when they are traced, so trace inside it."""
+    settings = LEVERS[name][1]
+    before = {setting: copy.deepcopy(read(setting)) for setting in settings}
+    for setting, value in settings.items():
+        apply(setting, value)
+    try:
+        yield
+    finally:
+        for setting, value in before.items():
+            apply(setting, value)
 
 
 def compiled(name, image_size, steps):
@@ -35,6 +56,12 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="rounds of all optimizers in turn (default: %(default)s)")
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, help="time only these (default: all)")
     p.add_argument(
+        "--lever",
+        action="append",
+        choices=[name for name, (flags, _) in LEVERS.items() if not flags],
+        help="time with the utils settings of this lever of benchmarks/levers.py (repeatable; default: default)",
+    )
+    p.add_argument(
         "--precision",
         choices=("float32", "mixed_bfloat16"),
         default="float32",
@@ -45,20 +72,40 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch_size * args.steps, args.image_size, args.image_size, 3), "uint8")
     labels = rng.integers(0, 2, len(images)).astype("float32")
-    models = {name: compiled(name, args.image_size, args.steps) for name in args.optimizer or OPTIMIZERS}
-    for model in models.values():  # the first epoch traces the step: not timed
-        model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
-    seconds = {name: [] for name in models}
+    kinds = [(name, lever) for name in args.optimizer or OPTIMIZERS for lever in args.lever or ["default"]]
+    models = {}
+    for name, lever in kinds:  # the first epoch traces the step: not timed
+        with lever_set(lever):
+            models[name, lever] = compiled(name, args.image_size, args.steps)
+            models[name, lever].fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
+    seconds = {kind: [] for kind in models}
     for _ in range(args.rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0)
-            seconds[name].append((time.perf_counter() - start) / args.steps)
+        for kind, model in models.items():
+            clock = step_clock()
+            model.fit(images, labels, batch_size=args.batch_size, epochs=1, verbose=0, callbacks=[clock])
+            seconds[kind].append(statistics.median(clock.seconds))
     size, batch, steps, rounds = args.image_size, args.batch_size, args.steps, args.rounds
     print(f"CPU: {cpu_model()}; {args.precision}; {size} px, batch {batch}, {steps} steps, {rounds} rounds")
-    for name, model in models.items():
-        step, update = statistics.median(seconds[name]), update_seconds(model, args.rounds)
-        print(f"{name:13s} median {step * 1000:6.1f} ms a step, {update * 1000:5.1f} ms of it the update")
+    for (name, lever), model in models.items():  # a step: the median of a round's steps, median over rounds
+        with lever_set(lever):
+            step, update = statistics.median(seconds[name, lever]), update_seconds(model, args.rounds)
+        print(f"{name:13s} {lever:22s} median {step * 1000:6.1f} ms a step, {update * 1000:5.1f} ms of it the update")
+
+
+def step_clock():
+    """A callback that keeps the wall time of each training step (batch in, weights updated) in .seconds,
+    so that what fit does between steps (slicing the arrays) is not counted."""
+
+    class StepClock(import_keras().callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    clock = StepClock()
+    clock.seconds = []
+    return clock
 
 
 def update_seconds(model, rounds, calls=20):
