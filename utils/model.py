@@ -203,8 +203,8 @@ def fused_batch_norm():
 
     class FusedBatchNormalization(keras.layers.BatchNormalization):
         def call(self, inputs, training=None, mask=None):
-            plain = self.renorm or self.synchronized or not (self.scale and self.center)
-            if not (training and self.trainable) or mask is not None or plain or self.axis not in (-1, 3):
+            plain = self.renorm or self.synchronized or not (self.scale and self.center) or mask is not None
+            if not (training and self.trainable) or plain or len(inputs.shape) != 4 or self.axis not in (-1, 3):
                 return super().call(inputs, training=training, mask=mask)
             y, mean, variance, *_ = tf.compat.v1.nn.fused_batch_norm(
                 inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
