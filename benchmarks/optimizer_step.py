@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from levers import LEVERS, apply, read  # noqa: E402
+from levers import LEVERS, OPTIMIZER, apply, read  # noqa: E402
 
 import utils.model  # noqa: E402
 from utils.backend import cpu_model, import_keras  # noqa: E402
@@ -58,8 +58,9 @@ def main():
     p.add_argument(
         "--lever",
         action="append",
-        choices=[name for name, (flags, _) in LEVERS.items() if not flags],
-        help="time with the utils settings of this lever of benchmarks/levers.py (repeatable; default: default)",
+        choices=[name for name, (flags, settings) in LEVERS.items() if not flags and OPTIMIZER not in settings],
+        help="time with the utils settings of this lever of benchmarks/levers.py, other than an optimizer's "
+        "(--optimizer picks those; repeatable; default: default)",
     )
     p.add_argument(
         "--precision",

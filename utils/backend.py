@@ -152,10 +152,13 @@ def cpu_facts(cpuinfo=Path("/proc/cpuinfo")):
     return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first)}
 
 
+BF16_UNITS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's flags of the units that compute bfloat16
+
+
 def cpu_has_bf16(cpuinfo=Path("/proc/cpuinfo")):
     """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX); elsewhere it is emulated and slow."""
     flags = cpu_facts(cpuinfo).get("flags", "").split()
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in flags for flag in BF16_UNITS)
 
 
 def cpu_model(cpuinfo=Path("/proc/cpuinfo")):
@@ -164,7 +167,7 @@ def cpu_model(cpuinfo=Path("/proc/cpuinfo")):
     facts = cpu_facts(cpuinfo)
     if not facts:
         return platform.processor() or platform.machine()
-    units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in facts.get("flags", "").split()]
+    units = [unit for unit in ("avx2", "avx512f", *BF16_UNITS) if unit in facts.get("flags", "").split()]
     family, model = facts.get("cpu family", "?"), facts.get("model", "?")
     return f"{facts.get('model name', '?')} (family {family} model {model}; {' '.join(units) or 'no AVX2'})"
 
