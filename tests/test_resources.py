@@ -3,7 +3,9 @@
 Disks are real: small tmpfs mounts (the tests need root to mount them, as CI has).
 """
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,10 +89,31 @@ def test_train_refuses_at_the_start_when_its_files_cannot_fit(small_disk, tmp_pa
     assert hidden_files(disk) == []
 
 
+def fill_while_running(ballast, proc, leave, timeout=240):
+    """Grow ballast until about `leave` bytes of its disk are free, and keep it there while proc runs.
+
+    The run writes and deletes its backups meanwhile, so a single fill could lose a race with it: stop
+    short while a backup's temporary copy holds space, or fail itself on a disk the run filled first."""
+    deadline = time.time() + timeout
+    with open(ballast, "wb", buffering=0) as f:
+        while proc.poll() is None and time.time() < deadline:
+            spare = shutil.disk_usage(ballast.parent).free - leave
+            if spare <= 0:
+                time.sleep(0.01)
+                continue
+            try:
+                f.write(bytes(min(spare, 16_000_000)))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                f.truncate(max(0, f.seek(0, os.SEEK_END) - leave))  # give the run back its margin
+                f.seek(0, os.SEEK_END)
+
+
 def test_train_stopped_by_a_full_disk_resumes_once_space_is_freed(small_disk, small_split):
     """The disk fills up (another program's file) after the first epoch; the run stops with one
     line, leaves no temporary file, and --resume finishes it with every epoch once."""
-    disk = small_disk("120m")
+    disk = small_disk("200m")  # room for the resumed run's files, however many epochs the first one saved
     out = disk / "models"
     args = ["--data", small_split, "--out", out, "--epochs", "4", "--batch-size", "4", "--image-size", "32"]
     proc = subprocess.Popen(
@@ -106,10 +129,7 @@ def test_train_stopped_by_a_full_disk_resumes_once_space_is_freed(small_disk, sm
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     ballast = disk / "ballast"
-    with open(ballast, "wb") as f:  # leave about 2 MB: less than a backup of the weights
-        while shutil.disk_usage(disk).free > 3_000_000:
-            f.write(bytes(1_000_000))
-            f.flush()
+    fill_while_running(ballast, proc, leave=2_000_000)  # less than a backup of the weights
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 2, (stdout, stderr)
     line = one_error_line(subprocess.CompletedProcess(args, 2, stdout, stderr))
