@@ -3,7 +3,6 @@
 import numpy as np
 
 from utils import warps
-from utils.images import DiskImages
 from utils.warps import AUGMENTATION, warp_transforms
 
 
@@ -89,18 +88,14 @@ def warped_batches(x, y, w, plan, strength, mix=0.0):
     seeds = np.stack([np.full_like(plan.number, plan.seed), plan.number], axis=1)  # each batch's (seed, number)
     y = tf.convert_to_tensor(y)
     w = None if w is None else tf.convert_to_tensor(w)
-    if isinstance(x, DiskImages):  # streamed: each batch read from the cache file
 
-        def gather(i):
-            images = tf.numpy_function(lambda i: x[i], [i], tf.uint8)
-            images.set_shape([None, *x.shape[1:]])
-            return images
-
-    else:
-        x = tf.convert_to_tensor(x)  # one copy in TensorFlow
-
-        def gather(i):
-            return tf.gather(x, i)
+    def gather(i):
+        # NumPy's indexing picks each batch, from memory or from the cache file of a streamed split. A split
+        # handed to TensorFlow instead would be copied twice, and once more into the dataset's graph when its
+        # iterator starts: seconds and gigabytes before the first step (benchmarks/speedrun.md).
+        images = tf.numpy_function(lambda i: x[i], [i], tf.uint8)
+        images.set_shape([None, *x.shape[1:]])
+        return images
 
     def batch(i, s, k, m=None):
         images = resize(gather(i), s)
