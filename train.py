@@ -137,7 +137,7 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=float, help=f"momentum of the weights' moving average, 0 = off {derived}")
     g.add_argument("--bn-momentum", type=float, help=f"momentum of BatchNorm's statistics {derived}")
     g.add_argument(
-        "--progressive", type=float, default=0.57, help="share of epochs on smaller images (default: %(default)s)"
+        "--progressive", type=float, default=0.3, help="share of epochs on smaller images (default: %(default)s)"
     )
     g = p.add_argument_group("augmentation")
     g.add_argument("--engine", choices=ENGINES, help="tf.data warps, NumPy, or ImageDataGenerator (default: layers)")

@@ -161,7 +161,8 @@ def test_the_default_schedule_and_the_earlier_ones_as_measured(monkeypatch):
     import train
 
     epochs, share = train.REFERENCE_EPOCHS, train.parse_args([]).progressive  # the cats-and-dogs split's
-    assert utils.warps.image_sizes(160, epochs, share) == [64] * 4 + [128] * 13 + [160] * 13
+    assert utils.warps.image_sizes(160, epochs, share) == [64] * 2 + [128] * 7 + [160] * 21
+    assert utils.warps.image_sizes(160, epochs, 0.57) == [64] * 4 + [128] * 13 + [160] * 13  # the one before
     monkeypatch.setattr(utils.warps, "PHASE_POWER", 1)  # schedule-27
     assert utils.warps.image_sizes(160, 27, 0.7) == [64] * 6 + [128] * 13 + [160] * 8
     monkeypatch.setattr(utils.warps, "PHASE_POWER", 0)  # size-step-64

@@ -21,8 +21,8 @@ MIX = "cutmix"
 
 # Progressive resizing's sizes climb from half the final size in steps of SIZE_STEP pixels (64 and 128
 # before 160), each for a share of the progressive epochs in proportion to its side to the power
-# PHASE_POWER (0: equal shares). 1.5 keeps the cheap 64 px phase short (cats and dogs: 4 epochs at 64 px,
-# where validation stops rising, then 13 at 128 and 13 at 160) and reaches 96 % sooner (benchmarks/speedrun.md).
+# PHASE_POWER (0: equal shares). 1.5 keeps the cheap 64 px phase short (cats and dogs: 2 epochs at 64 px,
+# then 7 at 128 and 21 at 160, which reaches 96 % sooner than longer small phases: benchmarks/speedrun.md).
 SIZE_STEP = 64
 PHASE_POWER = 1.5
 
