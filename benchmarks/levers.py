@@ -40,10 +40,10 @@ LEVERS = {
     "ema-0.997": (["--ema", "0.997"], {}),  # cats and dogs: about one epoch, not 100 steps (the flowers derive it)
     "width-1.5": (["--width", "1.5"], {}),  # every block 1.5 times as wide
     "batch-32": (["--batch-size", "32"], {}),  # cats and dogs: twice the steps an epoch (the flowers derive it)
-    # The earlier default's two parts, which today's replaced: its schedule (of the cats-and-dogs split's 30
-    # epochs, 7 each at 64, 96 and 128 px, then 9 at 160) and its stem and first block at 32 filters, not 16.
-    # (benchmarks/speedrun.md measured the default before today's as narrow-schedule-25 with --epochs 30
-    # --progressive 0.57; today's reaches 160 px sooner: "earlier-160" below is the way back.)
+    # The earlier default's two parts, which the default replaced: its schedule (of the cats-and-dogs split's
+    # 30 epochs, 7 each at 64, 96 and 128 px, then 9 at 160) and its stem and first block at 32 filters, not 16.
+    # (benchmarks/speedrun.md measured the narrow stem as narrow-schedule-25 with --epochs 30 --progressive
+    # 0.57; the default reaches 160 px sooner, and "earlier-160" below is the way back to 0.57.)
     "earlier-schedule": (["--progressive", "0.7"], {STEP: 32, POWER: 0}),
     "earlier-160": (["--progressive", "0.57"], {}),  # 160 px later (cats and dogs: 4 / 13 / 13, not 2 / 7 / 21)
     "wide-stem": ([], {"utils.model.STEM": 32, "utils.model.WIDTHS": [32, 64, 128, 256]}),
